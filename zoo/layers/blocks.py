@@ -1,0 +1,133 @@
+"""Blocks of the MobileNet / EfficientNet family (same structure and parameter names as timm's, so weights map 1:1).
+
+Every block takes injected `conv` and `norm` factories (flax examples' ModuleDef pattern), so quantized or sparse
+layers slot in without forking a model, and a `train` flag that switches BatchNorm to batch statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zoo.layers.activations import get_act
+
+ModuleDef = Any
+
+
+class SqueezeExcite(nn.Module):
+    """Global pool -> 1x1 reduce (bias) -> act -> 1x1 expand (bias) -> gate, multiplied onto the input."""
+
+    rd_channels: int
+    conv: ModuleDef
+    act: str = "relu"
+    gate: str = "sigmoid"
+
+    @nn.compact
+    def __call__(self, x):
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = self.conv(self.rd_channels, 1, use_bias=True, name="conv_reduce")(s)
+        s = get_act(self.act)(s)
+        s = self.conv(x.shape[-1], 1, use_bias=True, name="conv_expand")(s)
+        return x * get_act(self.gate)(s)
+
+
+def drop_path(x, rate: float, train: bool, module: nn.Module):
+    """Stochastic depth on the residual branch (per sample), active only in training."""
+    if not train or rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0.0)
+
+
+class ConvBnAct(nn.Module):
+    """conv -> BN -> act ('cn' blocks; also the stem and the EfficientNet head)."""
+
+    out_chs: int
+    conv: ModuleDef
+    norm: ModuleDef
+    kernel: int = 1
+    stride: int = 1
+    act: str = "relu"
+    skip: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        shortcut = x
+        x = self.conv(self.out_chs, self.kernel, stride=self.stride, name="conv")(x)
+        x = self.norm(use_running_average=not train, name="bn1")(x)
+        x = get_act(self.act)(x)
+        if self.skip and self.stride == 1 and shortcut.shape[-1] == self.out_chs:
+            x = x + shortcut
+        return x
+
+
+class DepthwiseSeparable(nn.Module):
+    """dw conv -> BN -> act -> [SE] -> pw conv -> BN (-> act if pw_act) [+ skip] (MobileNetV1 block, 'ds')."""
+
+    out_chs: int
+    conv: ModuleDef
+    norm: ModuleDef
+    kernel: int = 3
+    stride: int = 1
+    act: str = "relu"
+    se_chs: int = 0  # squeeze-excite reduced channels; 0: no SE
+    se_act: str = "relu"
+    se_gate: str = "sigmoid"
+    pw_act: bool = False
+    noskip: bool = False
+    drop_path_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        in_chs = x.shape[-1]
+        shortcut = x
+        act = get_act(self.act)
+        x = self.conv(in_chs, self.kernel, stride=self.stride, groups=in_chs, name="conv_dw")(x)
+        x = act(self.norm(use_running_average=not train, name="bn1")(x))
+        if self.se_chs:
+            x = SqueezeExcite(self.se_chs, self.conv, self.se_act, self.se_gate, name="se")(x)
+        x = self.conv(self.out_chs, 1, name="conv_pw")(x)
+        x = self.norm(use_running_average=not train, name="bn2")(x)
+        if self.pw_act:
+            x = act(x)
+        if self.stride == 1 and in_chs == self.out_chs and not self.noskip:
+            x = drop_path(x, self.drop_path_rate, train, self) + shortcut
+        return x
+
+
+class InvertedResidual(nn.Module):
+    """pw expand -> BN -> act -> dw -> BN -> act -> [SE] -> pw linear -> BN [+ skip] (MobileNetV2 block, 'ir')."""
+
+    out_chs: int
+    mid_chs: int
+    conv: ModuleDef
+    norm: ModuleDef
+    kernel: int = 3
+    stride: int = 1
+    act: str = "relu"
+    se_chs: int = 0
+    se_act: str = "relu"
+    se_gate: str = "sigmoid"
+    noskip: bool = False
+    drop_path_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        in_chs = x.shape[-1]
+        shortcut = x
+        act = get_act(self.act)
+        x = self.conv(self.mid_chs, 1, name="conv_pw")(x)
+        x = act(self.norm(use_running_average=not train, name="bn1")(x))
+        x = self.conv(self.mid_chs, self.kernel, stride=self.stride, groups=self.mid_chs, name="conv_dw")(x)
+        x = act(self.norm(use_running_average=not train, name="bn2")(x))
+        if self.se_chs:
+            x = SqueezeExcite(self.se_chs, self.conv, self.se_act, self.se_gate, name="se")(x)
+        x = self.conv(self.out_chs, 1, name="conv_pwl")(x)
+        x = self.norm(use_running_average=not train, name="bn3")(x)
+        if self.stride == 1 and in_chs == self.out_chs and not self.noskip:
+            x = drop_path(x, self.drop_path_rate, train, self) + shortcut
+        return x

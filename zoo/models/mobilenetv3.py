@@ -1,0 +1,154 @@
+"""MobileNetV3 (Howard et al., "Searching for MobileNetV3", arXiv:1905.02244), timm and torchvision variants.
+
+Stage tables are Table 1 (Large) and Table 2 (Small) of the paper, plus the "minimal" variants of the TF release
+(no SE, no hard-swish, 3x3 kernels only). `tf_` variants use TF "SAME" padding and BN eps 1e-3 (weights ported from
+TensorFlow); torchvision's use BN eps 1e-3 with symmetric padding.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from zoo.config import INCEPTION_MEAN, INCEPTION_STD, ModelCfg
+from zoo.layers.norm import BN_EPS_TF, BN_EPS_TORCH
+from zoo.models._mobile import MobileNet, cn, ds, feature_info, ir, make_divisible, resolve_stages
+from zoo.models._mobile_convert import timm_rename, torchvision_rename
+from zoo.models._pretrained import REL, REL_TRESNET, timm_weights, torchvision_weights
+from zoo.registry import register_model
+
+# Paper Table 1, 224x224 input. `act=None` blocks use the network activation (hard-swish).
+LARGE = (
+    (ds(1, 3, 1, 16, act="relu"),),  # stage 0, 112x112 in
+    (ir(1, 3, 2, 4, 24, act="relu"), ir(1, 3, 1, 3, 24, act="relu")),  # 112x112
+    (ir(3, 5, 2, 3, 40, se=0.25, act="relu"),),  # 56x56
+    (ir(1, 3, 2, 6, 80), ir(1, 3, 1, 2.5, 80), ir(2, 3, 1, 2.3, 80)),  # 28x28
+    (ir(2, 3, 1, 6, 112, se=0.25),),  # 14x14
+    (ir(3, 5, 2, 6, 160, se=0.25),),  # 14x14
+    (cn(1, 1, 1, 960),),  # 7x7
+)
+# Paper Table 2.
+SMALL = (
+    (ds(1, 3, 2, 16, se=0.25, act="relu"),),  # stage 0, 112x112 in
+    (ir(1, 3, 2, 4.5, 24, act="relu"), ir(1, 3, 1, 3.67, 24, act="relu")),  # 56x56
+    (ir(1, 5, 2, 4, 40, se=0.25), ir(2, 5, 1, 6, 40, se=0.25)),  # 28x28
+    (ir(2, 5, 1, 3, 48, se=0.25),),  # 14x14
+    (ir(3, 5, 2, 6, 96, se=0.25),),  # 14x14
+    (cn(1, 1, 1, 576),),  # 7x7
+)
+LARGE_MINIMAL = (
+    (ds(1, 3, 1, 16),),
+    (ir(1, 3, 2, 4, 24), ir(1, 3, 1, 3, 24)),
+    (ir(3, 3, 2, 3, 40),),
+    (ir(1, 3, 2, 6, 80), ir(1, 3, 1, 2.5, 80), ir(2, 3, 1, 2.3, 80)),
+    (ir(2, 3, 1, 6, 112),),
+    (ir(3, 3, 2, 6, 160),),
+    (cn(1, 1, 1, 960),),
+)
+SMALL_MINIMAL = (
+    (ds(1, 3, 2, 16),),
+    (ir(1, 3, 2, 4.5, 24), ir(1, 3, 1, 3.67, 24)),
+    (ir(1, 3, 2, 4, 40), ir(2, 3, 1, 6, 40)),
+    (ir(2, 3, 1, 3, 48),),
+    (ir(3, 3, 2, 6, 96),),
+    (cn(1, 1, 1, 576),),
+)
+
+_TF = dict(interpolation="bilinear", mean=INCEPTION_MEAN, std=INCEPTION_STD)
+
+# name: (table, width, tf_port, pretrained weights)
+VARIANTS = {
+    "mobilenetv3_large_075": (LARGE, 0.75, False, ()),
+    "mobilenetv3_large_100": (LARGE, 1.0, False, (
+        timm_weights("mobilenetv3_large_100", "ra_in1k", REL + "mobilenetv3_large_100_ra-f55367f5.pth",
+                     top1=75.784, top5=92.528),
+        timm_weights("mobilenetv3_large_100", "miil_in21k_ft_in1k",
+                     REL_TRESNET + "mobilenetv3_large_100_1k_miil_78_0-66471c13.pth", top1=77.92, top5=92.894,
+                     interpolation="bilinear", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
+        timm_weights("mobilenetv3_large_100", "ra4_e3600_r224_in1k", top1=76.31, top5=92.842, crop_pct=0.95,
+                     mean=INCEPTION_MEAN, std=INCEPTION_STD),
+    )),
+    "mobilenetv3_small_050": (SMALL, 0.5, False, (
+        timm_weights("mobilenetv3_small_050", "lamb_in1k", REL + "mobilenetv3_small_050_lambc-4b7bbe87.pth",
+                     top1=57.918, top5=80.144),
+    )),
+    "mobilenetv3_small_075": (SMALL, 0.75, False, (
+        timm_weights("mobilenetv3_small_075", "lamb_in1k", REL + "mobilenetv3_small_075_lambc-384766db.pth",
+                     top1=65.284, top5=85.462),
+    )),
+    "mobilenetv3_small_100": (SMALL, 1.0, False, (
+        timm_weights("mobilenetv3_small_100", "lamb_in1k", REL + "mobilenetv3_small_100_lamb-266a294c.pth",
+                     top1=67.636, top5=87.638),
+    )),
+    "tf_mobilenetv3_large_075": (LARGE, 0.75, True, (
+        timm_weights("tf_mobilenetv3_large_075", "in1k", REL + "tf_mobilenetv3_large_075-150ee8b0.pth",
+                     top1=73.442, top5=91.332, **_TF),
+    )),
+    "tf_mobilenetv3_large_100": (LARGE, 1.0, True, (
+        timm_weights("tf_mobilenetv3_large_100", "in1k", REL + "tf_mobilenetv3_large_100-427764d5.pth",
+                     top1=75.51, top5=92.6, **_TF),
+    )),
+    "tf_mobilenetv3_large_minimal_100": (LARGE_MINIMAL, 1.0, True, (
+        timm_weights("tf_mobilenetv3_large_minimal_100", "in1k",
+                     REL + "tf_mobilenetv3_large_minimal_100-8596ae28.pth", top1=72.27, top5=90.664, **_TF),
+    )),
+    "tf_mobilenetv3_small_075": (SMALL, 0.75, True, (
+        timm_weights("tf_mobilenetv3_small_075", "in1k", REL + "tf_mobilenetv3_small_075-da427f52.pth",
+                     top1=65.706, top5=86.13, **_TF),
+    )),
+    "tf_mobilenetv3_small_100": (SMALL, 1.0, True, (
+        timm_weights("tf_mobilenetv3_small_100", "in1k", REL + "tf_mobilenetv3_small_100-37f49e2b.pth",
+                     top1=67.922, top5=87.686, **_TF),
+    )),
+    "tf_mobilenetv3_small_minimal_100": (SMALL_MINIMAL, 1.0, True, (
+        timm_weights("tf_mobilenetv3_small_minimal_100", "in1k",
+                     REL + "tf_mobilenetv3_small_minimal_100-922a7843.pth", top1=62.892, top5=84.27, **_TF),
+    )),
+}
+
+_TV = "https://download.pytorch.org/models/"
+TORCHVISION = {
+    "mobilenet_v3_large": (LARGE, (
+        torchvision_weights("imagenet1k_v1", _TV + "mobilenet_v3_large-8738ca79.pth", top1=74.042, top5=91.34),
+        torchvision_weights("imagenet1k_v2", _TV + "mobilenet_v3_large-5c1a4163.pth", top1=75.274, top5=92.566,
+                            crop_pct=0.9655),
+    )),
+    "mobilenet_v3_small": (SMALL, (
+        torchvision_weights("imagenet1k_v1", _TV + "mobilenet_v3_small-047dcff4.pth", top1=67.668, top5=87.402),
+    )),
+}
+
+
+def _build(table, width: float, tf_port: bool, minimal: bool, **overrides) -> MobileNet:
+    small = table in (SMALL, SMALL_MINIMAL)
+    act = "relu" if minimal else "hard_swish"
+    stem = 16 if width < 0.75 else make_divisible(16 * width)  # timm keeps the stem fixed below 0.75
+    stages = resolve_stages(table, stem_chs=stem, act=act, width=width, se_from_exp=True, se_round="divisible")
+    kwargs = dict(
+        stages=stages, stem_chs=stem, num_features=1024 if small else 1280, head_type="mobilenetv3", act=act,
+        se_act="relu", se_gate="hard_sigmoid", padding="same" if tf_port else "symmetric",
+        bn_eps=BN_EPS_TF if tf_port else BN_EPS_TORCH, drop_rate=0.2,
+    )
+    return MobileNet(**{**kwargs, **overrides})
+
+
+def _cfg(name: str, module: MobileNet, weights, twin: str, **fields) -> ModelCfg:
+    return ModelCfg(name=name, family="mobilenetv3", feature_info=feature_info(module.stages),
+                    paper="arXiv:1905.02244 Tables 1-2", twin=twin, **fields)
+
+
+for _name, (_table, _width, _tf, _weights) in VARIANTS.items():
+    _fn = partial(_build, _table, _width, _tf, "minimal" in _name)
+    register_model(
+        _cfg(_name, _fn(), _weights, f"timm:{_name}", **(_TF if _tf else {})),
+        _weights,
+        converters={"timm": timm_rename},
+    )(_fn)
+
+for _name, (_table, _weights) in TORCHVISION.items():
+    # Same graph as timm's (squeeze channels, head order), but BN eps 1e-3 and torchvision's key layout.
+    _fn = partial(_build, _table, 1.0, False, False, bn_eps=BN_EPS_TF)
+    register_model(
+        _cfg(_name, _fn(), _weights, f"torchvision:{_name}", interpolation="bilinear"),
+        _weights,
+        converters={"torchvision": torchvision_rename},
+    )(_fn)

@@ -1,0 +1,1 @@
+"""Pretrained weights: sources, downloads, torch-free checkpoint reading, conversion."""
