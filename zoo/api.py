@@ -113,8 +113,11 @@ def load(
     if in_chans is not None:
         cfg = cfg.replace(in_chans=in_chans, mean=_fit(cfg.mean, in_chans), std=_fit(cfg.std, in_chans))
     module = create_model(entry.name, num_classes=cfg.num_classes, in_chans=cfg.in_chans, **overrides)
-    variables = init_variables(module, cfg, seed)
-    if pretrained:
+    if not pretrained:
+        variables = init_variables(module, cfg, seed)
+    else:
+        # Structure only: compiling a random init costs seconds to minutes on XLA:CPU and is not needed here.
+        variables = jax.eval_shape(lambda: init_variables(module, cfg, seed))
         reference = create_model(entry.name, num_classes=pcfg.num_classes, **overrides)
         target = flatten_variables(jax.eval_shape(lambda: init_variables(reference, entry.cfg)))
         converter = entry.converters[pcfg.layout](reference)

@@ -67,7 +67,7 @@ def ir(d: int, c: int, s: int, e: float = 4.0) -> tuple[IRSpec, ...]:
 
 
 def mvit(c: int, s: int, dim: int, depth: int, e: float = 4.0) -> tuple[IRSpec | MViTSpec, ...]:
-    """A downsampling inverted residual followed by a MobileViT block with a `depth`-layer transformer of width `dim`."""
+    """A downsampling inverted residual, then a MobileViT block with a `depth`-layer transformer of width `dim`."""
     return ir(1, c, s, e) + (MViTSpec(c, dim, depth),)
 
 
@@ -208,8 +208,8 @@ class TransformerBlock(nn.Module):
 
 def _bilinear_indices(size_in: int, size_out: int):
     """Source indices and weights of torch's bilinear resize (align_corners=False, no antialias) along one axis."""
-    scale = size_in / size_out
-    src = np.maximum((np.arange(size_out) + 0.5) * scale - 0.5, 0.0)
+    scale = np.float32(size_in) / np.float32(size_out)  # float32 arithmetic, as torch's CPU kernel
+    src = np.maximum((np.arange(size_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
     i0 = np.minimum(np.floor(src).astype(np.int32), size_in - 1)
     i1 = np.minimum(i0 + 1, size_in - 1)
     w1 = (src - i0).astype(np.float32)

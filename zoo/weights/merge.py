@@ -34,7 +34,9 @@ def merge_variables(
 ) -> dict:
     """Replace every leaf of `init_variables` by the checkpoint array of the same flat name.
 
-    `reset`: module paths (e.g. the classifier) whose initialized values are kept instead. `first_conv`: module path
+    `init_variables` may be abstract (`jax.eval_shape` of init): no random initialization is needed to load weights.
+    `reset`: module paths (e.g. the classifier) that keep their initialized values, or become zeros when abstract
+    (a zero-initialized head is big_vision's default for fine-tuning). `first_conv`: module path
     whose kernel may differ in input channels and is adapted. Any other missing, unexpected or mis-shaped array
     raises `WeightsMismatchError` listing them all.
     """
@@ -49,7 +51,7 @@ def merge_variables(
     merged, misshaped = {}, []
     for key, value in init.items():
         if is_reset(key) or key not in checkpoint:
-            merged[key] = value
+            merged[key] = np.zeros(value.shape, value.dtype) if isinstance(value, jax.ShapeDtypeStruct) else value
             continue
         ckpt = np.asarray(checkpoint[key])
         if first_conv and key == f"params/{first_conv}/kernel" and ckpt.shape[2] != value.shape[2]:
