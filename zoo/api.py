@@ -7,6 +7,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.config import ModelCfg, PretrainedCfg
+from zoo.config import ModelCfg, PretrainedCfg, WeightSource
 from zoo.convert import flatten_variables
 from zoo.counting import count_macs, count_params
 from zoo.inputs import check_images
@@ -92,6 +93,7 @@ def load(
     num_classes: int | None = None,
     in_chans: int | None = None,
     weights: str | None = None,
+    layout: str | None = None,
     seed: int = 0,
     progress: bool = True,
     **overrides: Any,
@@ -99,14 +101,18 @@ def load(
     """Build `name[.tag]` and load its pretrained weights (the default tag when none is given).
 
     `num_classes` different from the checkpoint's re-initializes only the classifier (logged); `in_chans != 3`
-    adapts the first convolution. `weights=` reads a local checkpoint (timm/torchvision .pth, .safetensors) in the
-    tag's layout instead of the registered sources. `pretrained=False` gives randomly initialized variables.
+    adapts the first convolution. `weights=` reads a local checkpoint (.pth, .safetensors) instead of the registered
+    sources, in `layout` ("timm", "torchvision", ...; default: the tag's, else the model's twin library).
+    `pretrained=False` gives randomly initialized variables.
     """
     entry = get_entry(name_or_tag)
     _, tag = split_name(name_or_tag)
-    pcfg = entry.pretrained_cfg(tag) if (pretrained or tag) else None
-    if pretrained and pcfg is None:
-        raise ValueError(f"model '{entry.name}' has no pretrained weights; use pretrained=False")
+    pcfg = entry.pretrained_cfg(tag) if (tag or (pretrained and entry.pretrained)) else None
+    if weights is not None:
+        pcfg = _local_weights(entry, pcfg, weights, layout)
+    elif pretrained and pcfg is None:
+        raise ValueError(f"model '{entry.name}' has no pretrained weights; use pretrained=False or weights=<file>")
+    pretrained = pretrained or weights is not None
     cfg = pcfg.apply_to(entry.cfg) if pcfg else entry.cfg
     if num_classes is not None:
         cfg = cfg.replace(num_classes=num_classes)
@@ -121,7 +127,7 @@ def load(
         reference = create_model(entry.name, num_classes=pcfg.num_classes, **overrides)
         target = flatten_variables(jax.eval_shape(lambda: init_variables(reference, entry.cfg)))
         converter = entry.converters[pcfg.layout](reference)
-        arrays = load_converted(entry.name, pcfg, converter, target, weights=weights, progress=progress)
+        arrays = load_converted(entry.name, pcfg, converter, target, cache=weights is None, progress=progress)
         reset = ()
         if cfg.num_classes != pcfg.num_classes:
             reset = (cfg.classifier,)
@@ -130,6 +136,19 @@ def load(
         variables = merge_variables(variables, arrays, reset=reset, first_conv=cfg.first_conv)
         variables = jax.tree_util.tree_map(jnp.asarray, variables)
     return Model(module, variables, cfg, pcfg if pretrained else None)
+
+
+def _local_weights(entry, pcfg: PretrainedCfg | None, path: str, layout: str | None) -> PretrainedCfg:
+    """A pretrained record for a user's file: the tag's preprocessing, if any, and the file's layout."""
+    layout = layout or (pcfg.layout if pcfg else entry.cfg.twin.split(":")[0])
+    if layout not in entry.converters:
+        raise ValueError(f"model '{entry.name}' reads layouts {sorted(entry.converters)}, not '{layout}'")
+    base = pcfg or PretrainedCfg(tag="local", sources=(), layout=layout)
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    source = WeightSource("file", str(path))
+    return dataclasses.replace(base, tag="local", sources=(source,), layout=layout)
 
 
 def _fit(stats: tuple[float, ...], n: int) -> tuple[float, ...]:

@@ -123,6 +123,8 @@ def resolve_stages(
 def feature_info(stages: tuple[tuple[Block, ...], ...], stem_stride: int = 2) -> tuple[FeatureInfo, ...]:
     """The last stage output at each stride: what detection/segmentation heads take (timm's feature_info)."""
     infos, stride = [], stem_stride
+    if stages[0][0].stride > 1:  # the stem's output is the only stride-2 map (MobileNetV3-Small)
+        infos.append(FeatureInfo("stem", stem_stride, stages[0][0].in_chs))
     for i, blocks in enumerate(stages):
         stride *= blocks[0].stride
         nxt = stages[i + 1][0].stride if i + 1 < len(stages) else 2
@@ -213,8 +215,8 @@ class MobileNet(nn.Module):
         norm = partial(batch_norm(self.bn_eps), dtype=self.dtype)
         x = ConvBnAct(self.stem_chs, conv, norm, kernel=3, stride=2, act=self.act, name="stem")(x, train)
         n_blocks = sum(len(s) for s in self.stages)
-        seen, feats = 0, []
         wanted = {f.name for f in feature_info(self.stages)}
+        seen, feats = 0, [x] if "stem" in wanted else []
         for i, blocks in enumerate(self.stages):
             # stochastic depth grows linearly with block index (EfficientNet)
             rates = tuple(self.drop_path_rate * (seen + j) / n_blocks for j in range(len(blocks)))

@@ -86,27 +86,20 @@ def converted_cache_path(model_name: str, tag: str) -> Path:
 
 
 def load_converted(
-    model_name: str, pcfg: PretrainedCfg, rename_for_module, target_shapes: dict, *, weights: str | None = None,
-    progress: bool = True,
+    model_name: str, pcfg: PretrainedCfg, rename, target_shapes: dict, *, cache: bool = True, progress: bool = True
 ) -> dict[str, np.ndarray]:
-    """Flat zoo-named arrays for `model_name.tag` (or for an explicit local `weights` file in the tag's layout)."""
-    if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file not found: {path}")
-        cached = None
-    else:
-        cached = converted_cache_path(model_name, pcfg.tag)
-        if cached.is_file():
-            arrays = load_file(cached)
-            if set(arrays) == set(target_shapes) and all(arrays[k].shape == target_shapes[k] for k in arrays):
-                return arrays
-        path, _ = fetch_checkpoint(pcfg, progress=progress)
+    """Flat zoo-named arrays for `model_name.tag`, converted once and (with `cache`) kept as safetensors."""
+    cached = converted_cache_path(model_name, pcfg.tag) if cache else None
+    if cached is not None and cached.is_file():
+        arrays = load_file(cached)
+        if set(arrays) == set(target_shapes) and all(arrays[k].shape == target_shapes[k] for k in arrays):
+            return arrays
+    path, _ = fetch_checkpoint(pcfg, progress=progress)
     state_dict = load_state_dict(path)
     if set(state_dict) and all(k.startswith(("params/", "batch_stats/")) for k in state_dict):
         arrays = dict(state_dict)  # already in zoo names (e.g. a file written by this library)
     else:
-        arrays = convert_state_dict(state_dict, rename_for_module, target_shapes)
+        arrays = convert_state_dict(state_dict, rename, target_shapes)
     if cached is not None:
         save_safetensors_atomic(arrays, cached, metadata={"source": str(path), "tag": pcfg.tag, "layout": pcfg.layout})
     return arrays

@@ -1,0 +1,104 @@
+"""Reference models and counts, from ../shared/reference when listed there, else from timm/torchvision live."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+@functools.cache
+def shared_counts() -> dict[str, dict]:
+    out = {}
+    timm_csv = SHARED / "timm_counts.csv"
+    if timm_csv.is_file():
+        for row in csv.DictReader(timm_csv.open()):
+            out[f"timm:{row['model']}"] = {"params": int(row["params"]), "macs": float(row["macs_conv_matmul"]),
+                                           "res": int(row["res"])}
+    tv = SHARED / "torchvision_counts.jsonl"
+    if tv.is_file():
+        for line in tv.read_text().splitlines():
+            if line.startswith("{"):
+                d = json.loads(line)
+                out[f"torchvision:{d['model']}"] = {"params": d["params"], "macs": d["macs"], "res": d["size"]}
+    return out
+
+
+def twin_model(twin: str):
+    """The reference PyTorch module (random weights, eval mode) for 'timm:<name>' or 'torchvision:<name>'."""
+    import torch
+
+    torch.manual_seed(0)
+    lib, name = twin.split(":")
+    if lib == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+    else:
+        import torchvision
+
+        model = getattr(torchvision.models, name)(weights=None)
+    return model.eval()
+
+
+def live_counts(twin: str, res: int) -> dict:
+    """Parameters and conv/matmul MACs (torch FlopCounterMode total / 2) of the twin at `res`."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = twin_model(twin)
+    params = sum(p.numel() for p in model.parameters())
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.zeros(1, 3, res, res))
+    return {"params": params, "macs": counter.get_total_flops() / 2, "res": res}
+
+
+def reference_counts(twin: str, res: int) -> dict:
+    ref = shared_counts().get(twin)
+    if ref is not None and ref["res"] == res:
+        return ref
+    return live_counts(twin, res)
+
+
+def perturb_batchnorm(model, seed: int = 0) -> None:
+    """Non-trivial BN statistics and affine params, so a conversion mistake in them shows up in the logits.
+
+    The per-channel gain weight / sqrt(var) stays near 1: deep nets then keep the activation scale of a trained
+    model instead of growing through 30+ layers until float32 rounding alone exceeds the parity tolerance.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+                gain = torch.rand(m.num_features, generator=g) * 0.4 + 0.8
+                m.weight.copy_(gain * torch.sqrt(m.running_var + m.eps))
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def scale_classifier_to_trained_spread(model, x_nchw, target_std: float = 3.0) -> None:
+    """Rescale the last Linear so logits on `x` have the spread of a trained ImageNet model (std ~3).
+
+    Random-init heads give logits with std 15-40, where float32 rounding alone (torch fp32 vs fp64) differs by
+    ~1e-4: a 1e-4 tolerance only tests the conversion when logits have a realistic scale.
+    """
+    import torch
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.inference_mode():
+        std = float(model(x_nchw).std())
+    with torch.no_grad():
+        linears[-1].weight.mul_(target_std / std)
+        linears[-1].bias.mul_(target_std / std)
+
+
+def random_images(n: int, hw: tuple[int, int], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *hw, 3)).astype(np.float32)

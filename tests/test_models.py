@@ -1,0 +1,64 @@
+"""Tier 1, every registered model: parameter count and MACs against the reference, output and feature shapes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import zoo
+from zoo.counting import count_macs, count_params
+from zoo.registry import get_entry
+
+from reference import reference_counts
+
+ALL = zoo.list_models()
+FAMILIES = {"mobilenetv2", "mobilenetv3", "efficientnet", "efficientnet_lite", "mobilevit"}
+
+
+def test_every_family_is_registered():
+    assert {get_entry(n).cfg.family for n in ALL} == FAMILIES
+    assert len(ALL) >= 33
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_params_and_macs_match_reference(name):
+    entry = get_entry(name)
+    res = entry.cfg.input_size[0]
+    module = zoo.create_model(name)
+    shape = (1, res, res, 3)
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(shape)))
+    ref = reference_counts(entry.cfg.twin, res)
+    assert count_params(variables["params"]) == ref["params"]
+    macs = count_macs(module, variables, shape)
+    assert abs(macs / ref["macs"] - 1) < 0.005, (macs, ref["macs"])
+    out = jax.eval_shape(lambda v, x: module.apply(v, x), variables, jax.ShapeDtypeStruct(shape, jnp.float32))
+    assert out.shape == (1, entry.cfg.num_classes) and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_feature_info_matches_feature_maps(name):
+    cfg = get_entry(name).cfg
+    module = zoo.create_model(name)
+    x = jax.ShapeDtypeStruct((2, 128, 128, 3), jnp.float32)
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(x.shape)))
+    feats = jax.eval_shape(lambda v, x: module.apply(v, x, features=True), variables, x)
+    assert [f.stride for f in cfg.feature_info] == [2, 4, 8, 16, 32]
+    assert len(feats) == len(cfg.feature_info)
+    for f, info in zip(feats, cfg.feature_info):
+        assert f.shape == (2, 128 // info.stride, 128 // info.stride, info.channels), info
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_config_sanity(name):
+    entry = get_entry(name)
+    cfg = entry.cfg
+    assert cfg.name == name and cfg.twin.split(":")[0] in ("timm", "torchvision")
+    assert len(cfg.mean) == len(cfg.std) == 3 and 0 < cfg.crop_pct <= 1
+    for p in entry.pretrained:
+        assert p.layout in entry.converters
+        assert p.sources and all(s.kind in ("hf_hub", "url", "package", "file") for s in p.sources)
+        assert p.top1 is None or 40 < p.top1 < 90
+        for s in p.sources:
+            if s.kind in ("url", "package"):
+                assert s.sha256 and len(s.sha256) >= 8, f"{name}.{p.tag}: {s.describe()} has no checksum"
