@@ -1,9 +1,7 @@
 """Downloads against a loopback HTTP server: caching, truncation, corruption, HTTP errors, offline mode, auth."""
 
 import hashlib
-import http.server
 import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,33 +11,7 @@ from zoo.weights import download as dl
 from zoo.weights.errors import ChecksumError, DownloadError, OfflineError, WeightsError
 from zoo.weights.torch_reader import load_state_dict
 
-
-class _Server:
-    """Serves fixed routes on 127.0.0.1 and records each request's path and Authorization header."""
-
-    def __init__(self, routes: dict[str, tuple[int, bytes, int | None]]):
-        self.routes = routes  # path -> (status, body, Content-Length to announce or None for len(body))
-        self.requests: list[tuple[str, str | None]] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = 10  # a stuck client cannot hold a server thread forever
-
-            def do_GET(self):
-                server.requests.append((self.path, self.headers.get("Authorization")))
-                status, body, length = server.routes.get(self.path, (404, b"not found", None))
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body) if length is None else length))
-                self.end_headers()
-                self.wfile.write(body)  # HTTP/1.0: the connection closes after this, short or not
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+from loopback import serve
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +25,13 @@ def checkpoint(tmp_path_factory) -> bytes:
 def server(checkpoint):
     corrupted = bytearray(checkpoint)
     corrupted[len(corrupted) // 2] ^= 0xFF
-    srv = _Server(
-        {
-            "/good.pth": (200, checkpoint, None),
-            "/truncated.pth": (200, checkpoint[: len(checkpoint) // 2], len(checkpoint)),
-            "/corrupt.pth": (200, bytes(corrupted), None),
-        }
-    )
-    srv.thread.start()
-    yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
-    srv.thread.join(timeout=10)
+    routes = {
+        "/good.pth": (200, checkpoint, None),
+        "/truncated.pth": (200, checkpoint[: len(checkpoint) // 2], len(checkpoint)),
+        "/corrupt.pth": (200, bytes(corrupted), None),
+    }
+    with serve(routes) as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -80,5 +80,8 @@ def convert_state_dict(
             errors.append(f"{key}: {e}")
     if unmapped or errors:
         lines = [f"  unexpected: {u}" for u in unmapped[:20]] + [f"  shape: {e}" for e in errors[:20]]
+        hidden = max(len(unmapped) - 20, 0) + max(len(errors) - 20, 0)
+        if hidden:
+            lines.append(f"  ... and {hidden} more")
         raise WeightsMismatchError("checkpoint does not fit the model:\n" + "\n".join(lines))
     return out
