@@ -23,7 +23,6 @@ def test_notebook_runs_offline(path, tmp_path, monkeypatch):
     nb.cells = [c for c in nb.cells if c not in install]
     monkeypatch.setenv("ZOO_NOTEBOOK_SMOKE", "1")
     monkeypatch.setenv("ZOO_OFFLINE", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.chdir(tmp_path)  # anything a notebook writes stays out of the checkout
     NotebookClient(nb, timeout=900, kernel_name="python3").execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]

@@ -157,10 +157,10 @@ def _fit(stats: tuple[float, ...], n: int) -> tuple[float, ...]:
 
 
 @functools.cache
-def model_info(name: str) -> dict:
-    """Parameters, MACs (from the jaxpr, at the default resolution), resolution, tags and source accuracy."""
+def model_info(name: str, input_size: tuple[int, int] | None = None) -> dict:
+    """Parameters, MACs (from the jaxpr, at `input_size` or the default resolution), tags and source accuracy."""
     entry = get_entry(name)
-    cfg = entry.cfg
+    cfg = entry.cfg if input_size is None else entry.cfg.replace(input_size=tuple(input_size))
     module = create_model(entry.name)
     shape = (1, *cfg.input_size, cfg.in_chans)
     variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(shape)))

@@ -131,7 +131,7 @@ def _build(table, width: float, tf_port: bool, minimal: bool, **overrides) -> Mo
     return MobileNet(**{**kwargs, **overrides})
 
 
-def _cfg(name: str, module: MobileNet, weights, twin: str, **fields) -> ModelCfg:
+def _cfg(name: str, module: MobileNet, twin: str, **fields) -> ModelCfg:
     return ModelCfg(name=name, family="mobilenetv3", feature_info=feature_info(module.stages),
                     paper="arXiv:1905.02244 Tables 1-2", twin=twin, **fields)
 
@@ -139,7 +139,7 @@ def _cfg(name: str, module: MobileNet, weights, twin: str, **fields) -> ModelCfg
 for _name, (_table, _width, _tf, _weights) in VARIANTS.items():
     _fn = partial(_build, _table, _width, _tf, "minimal" in _name)
     register_model(
-        _cfg(_name, _fn(), _weights, f"timm:{_name}", **(_TF if _tf else {})),
+        _cfg(_name, _fn(), f"timm:{_name}", **(_TF if _tf else {})),
         _weights,
         converters={"timm": timm_rename},
     )(_fn)
@@ -148,7 +148,7 @@ for _name, (_table, _weights) in TORCHVISION.items():
     # Same graph as timm's (squeeze channels, head order), but BN eps 1e-3 and torchvision's key layout.
     _fn = partial(_build, _table, 1.0, False, False, bn_eps=BN_EPS_TF)
     register_model(
-        _cfg(_name, _fn(), _weights, f"torchvision:{_name}", interpolation="bilinear"),
+        _cfg(_name, _fn(), f"torchvision:{_name}", interpolation="bilinear"),
         _weights,
         converters={"torchvision": torchvision_rename},
     )(_fn)
