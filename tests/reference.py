@@ -102,3 +102,25 @@ def scale_classifier_to_trained_spread(model, x_nchw, target_std: float = 3.0) -
 
 def random_images(n: int, hw: tuple[int, int], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *hw, 3)).astype(np.float32)
+
+
+def random_variables(module, input_shape: tuple[int, ...], seed: int = 0) -> dict:
+    """Variables of the right structure filled from numpy's RNG: BN/LayerNorm scales 1, variances 1, biases and
+    means 0, kernels N(0, 1/fan_in). For tests that need numbers, not flax's initializers: compiling a random init
+    costs 10+ s per model on XLA:CPU."""
+    import jax
+    import jax.numpy as jnp
+
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(input_shape)))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in ("scale", "var"):
+            return np.ones(leaf.shape, leaf.dtype)
+        if name in ("bias", "mean"):
+            return np.zeros(leaf.shape, leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1])) or 1
+        return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
