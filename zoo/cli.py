@@ -51,6 +51,12 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_predict(args) -> int:
+    if args.tflite:  # an exported model: preprocessing and labels come from its sidecar metadata
+        from export.cli import print_predictions
+
+        return print_predictions(args.tflite, args.images, top_k=args.top_k)
+    if not args.model:
+        raise ValueError("zoo predict needs --model NAME[.tag] or --tflite MODEL.tflite")
     import zoo
 
     model = zoo.load(args.model, progress=not args.quiet)
@@ -76,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_info)
 
     p = sub.add_parser("predict", help="top-k ImageNet classes of images")
-    p.add_argument("--model", required=True, help="NAME[.tag], e.g. tf_efficientnet_lite0 (offline weights)")
+    p.add_argument("--model", help="NAME[.tag], e.g. tf_efficientnet_lite0 (offline weights)")
+    p.add_argument("--tflite", metavar="MODEL.tflite", help="an exported model (see `zoo export`)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--quiet", action="store_true", help="no download progress bar")
     p.add_argument("images", nargs="+")

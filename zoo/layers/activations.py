@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import contextvars
+from typing import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -35,7 +37,28 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 
 
+# Trace-time substitutions (e.g. the exporter swaps hard-swish for an int8-friendly equivalent). Read at trace time,
+# like `depthwise_impl`, so a model never needs editing to be traced differently.
+_OVERRIDES: contextvars.ContextVar[Mapping[str, Callable]] = contextvars.ContextVar("act_overrides", default={})
+
+
+@contextlib.contextmanager
+def override_activations(overrides: Mapping[str, Callable]):
+    """Trace with `overrides` (activation name -> function) in place of the registered definitions."""
+    unknown = set(overrides) - set(ACTIVATIONS)
+    if unknown:
+        raise ValueError(f"cannot override unknown activations {sorted(unknown)}; known: {sorted(ACTIVATIONS)}")
+    token = _OVERRIDES.set({**_OVERRIDES.get(), **overrides})
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
+
+
 def get_act(name: str) -> Callable:
+    override = _OVERRIDES.get().get(name)
+    if override is not None:
+        return override
     try:
         return ACTIVATIONS[name]
     except KeyError:

@@ -1,0 +1,25 @@
+"""Export zoo models to TFLite / LiteRT, verified against JAX, with the ops they use and their on-CPU latency.
+
+    import zoo, export
+    model = zoo.load("tf_efficientnet_lite0")
+    res = export.to_tflite(model, quantization="int8", representative_data=model.preprocess(images),
+                           out="lite0_int8.tflite")
+    print(res.summary())                                   # ops, XNNPACK partitions, parity with JAX
+    export.predict_tflite("lite0_int8.tflite", "cat.jpg")  # classify with the sidecar's preprocessing and labels
+    export.benchmark_tflite("lite0_int8.tflite", threads=(1, 2))
+
+TensorFlow is imported only by `to_tflite`; running and timing exported models needs only `ai-edge-litert`.
+"""
+
+from export.errors import ExportError, ExportParityError, UnsupportedOpsError
+from export.latency import benchmark_jax, benchmark_tflite
+from export.metadata import predict_tflite
+from export.ops_report import OpsReport, analyze
+from export.runtime import LiteRTRunner
+from export.tflite import QUANTIZATIONS, ExportResult, to_tflite
+from export.verify import VerifyReport
+
+__all__ = [
+    "ExportError", "ExportParityError", "UnsupportedOpsError", "ExportResult", "OpsReport", "VerifyReport",
+    "LiteRTRunner", "QUANTIZATIONS", "analyze", "benchmark_jax", "benchmark_tflite", "predict_tflite", "to_tflite",
+]

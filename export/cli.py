@@ -1,0 +1,164 @@
+"""`zoo export` and `zoo bench`: registered into the zoo command line by `add_commands(sub)` (see zoo/cli.py).
+
+    zoo export --model tf_efficientnet_lite0 --quantization int8 --calibration photos/ --out lite0_int8.tflite
+    zoo export --model mobilevit_xxs --random-weights --input-size 256 256 --out mvit.tflite
+    zoo bench lite0_int8.tflite --threads 1,2,4 --csv latency.csv
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("export", help="export a model to TFLite, verified against JAX in the LiteRT interpreter",
+                       description="Export a model to a .tflite file (plus a .tflite.json sidecar with its "
+                                   "preprocessing and labels), verified against the JAX model before it is written.")
+    p.add_argument("--model", required=True, help="NAME[.tag] (e.g. tf_efficientnet_lite0, mobilenet_v2.imagenet1k_v1)")
+    p.add_argument("--quantization", "-q", default="fp32", choices=("fp32", "fp16", "dynamic", "int8"),
+                   help="fp32 (default), fp16 weights, dynamic-range int8 weights, or full int8 (needs --calibration)")
+    p.add_argument("--calibration", metavar="DATA",
+                   help="int8 calibration inputs: a folder of images (preprocessed as the model expects) or a .npy of "
+                        "normalized float NHWC arrays")
+    p.add_argument("--num-calibration", type=int, default=200, metavar="N",
+                   help="use at most N calibration inputs (default 200)")
+    p.add_argument("--verify", metavar="DATA", help="verify on these inputs (folder or .npy; default: 8 calibration "
+                   "inputs for int8, else 8 random inputs)")
+    p.add_argument("--min-agreement", type=float, metavar="FRAC",
+                   help="fail a quantized export whose top-1 agreement with JAX is below FRAC (e.g. 0.95)")
+    p.add_argument("--out", "-o", help="output .tflite path (default NAME_QUANTIZATION.tflite)")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)")
+    p.add_argument("--batch", type=int, default=1, help="fixed batch size of the graph (default 1)")
+    p.add_argument("--int8-io", action="store_true", help="with int8: int8 input/output tensors instead of float")
+    p.add_argument("--allow-flex", action="store_true", help="accept Flex (SELECT_TF_OPS) and custom ops")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights (for models without pretrained weights, or to check export and latency)")
+    p.add_argument("--weights", metavar="FILE", help="a local checkpoint (.pth/.safetensors) to load instead")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(run=_cmd_export)
+
+    p = sub.add_parser("bench", help="latency of .tflite models in the LiteRT interpreter (XNNPACK)",
+                       description="Median latency per thread count, warm-up excluded, interleaved rounds.")
+    p.add_argument("models", nargs="+", help=".tflite files")
+    p.add_argument("--threads", default="1,2,4", help="comma-separated thread counts (default 1,2,4)")
+    p.add_argument("--runs", type=int, default=50, help="timed rounds (default 50)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
+    p.add_argument("--budget", type=float, default=None, help="stop timing after this many seconds (>= 5 rounds)")
+    p.add_argument("--no-xnnpack", action="store_true", help="builtin kernels only (no XNNPACK delegate)")
+    p.add_argument("--jax", action="store_true", help="also time the JAX model named in each sidecar (random "
+                   "weights; jit on this CPU)")
+    p.add_argument("--csv", help="write the rows to this CSV file")
+    p.add_argument("--md", help="write the markdown table to this file")
+    p.set_defaults(run=_cmd_bench)
+
+
+def _load_model(args):
+    import zoo
+    from zoo.registry import get_entry
+
+    if args.random_weights:
+        from export.weights import random_variables
+
+        entry = get_entry(args.model)
+        cfg = entry.cfg
+        module = zoo.create_model(entry.name)
+        variables = random_variables(module, (1, *cfg.input_size, cfg.in_chans))
+        return zoo.Model(module, variables, cfg, None)
+    try:
+        return zoo.load(args.model, weights=args.weights, progress=not args.quiet)
+    except ValueError as e:
+        if "no pretrained weights" in str(e):
+            raise ValueError(f"{e} (zoo export: --random-weights)") from None
+        raise
+
+
+def _cmd_export(args) -> int:
+    from export.calibration import load_data
+    from export.errors import ExportError
+    from export.tflite import to_tflite
+
+    if args.quantization == "int8" and not args.calibration:
+        raise ValueError("--quantization int8 needs --calibration DATA (a folder of images or a .npy)")
+    if args.calibration and args.quantization != "int8":
+        raise ValueError("--calibration is only used with --quantization int8")
+    model = _load_model(args)
+    hw = tuple(args.input_size) if args.input_size else tuple(model.cfg.input_size)
+    cfg = model.cfg.replace(input_size=hw)
+    calib = None
+    if args.calibration:
+        calib = load_data(args.calibration, cfg, args.num_calibration, progress=not args.quiet)
+    vdata = load_data(args.verify, cfg, progress=not args.quiet) if args.verify else None
+    out = args.out or f"{model.name.replace('.', '_')}_{args.quantization}.tflite"
+    try:
+        res = to_tflite(model, quantization=args.quantization, representative_data=calib, input_hw=hw,
+                        batch=args.batch, int8_io=args.int8_io, allow_flex=args.allow_flex, out=out,
+                        verify_data=vdata, min_agreement=args.min_agreement, progress=not args.quiet)
+    except ExportError as e:
+        print(f"zoo export: error: {e}\nzoo export: nothing was written to {out}", file=sys.stderr)
+        return 1
+    if args.quiet:
+        print(res.summary())
+    print(f"wrote {res.path} and {res.path}.json")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from export import latency
+
+    try:
+        threads = tuple(int(t) for t in args.threads.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--threads must be comma-separated integers, got {args.threads!r}") from None
+    if not threads or min(threads) < 1:
+        raise ValueError("--threads needs at least one positive thread count")
+    paths = {}
+    for m in args.models:
+        p = Path(m)
+        if not p.is_file():
+            raise FileNotFoundError(f"no such model file: {p}")
+        paths[p.stem if p.stem not in paths else str(p)] = p
+    rows = latency.benchmark_many(paths, threads, args.runs, args.warmup, args.budget, xnnpack=not args.no_xnnpack)
+    if args.jax:
+        rows += _jax_rows(paths, args)
+    table = latency.markdown(rows)
+    print(table, end="")
+    if args.csv:
+        print(f"wrote {latency.write_csv(rows, args.csv)}")
+    if args.md:
+        Path(args.md).write_text(table)
+        print(f"wrote {args.md}")
+    return 0
+
+
+def _jax_rows(paths, args):
+    import zoo
+    from export import latency
+    from export.metadata import read
+    from export.weights import random_variables
+
+    rows = []
+    for label, p in paths.items():
+        meta = read(p, check_hash=False)
+        module = zoo.create_model(meta["model"], num_classes=meta["num_classes"])
+        hw = tuple(meta["input_hw"])
+        variables = random_variables(module, (meta["batch"], *hw, meta.get("in_chans", 3)))
+        rows.append(latency.benchmark_jax(module, variables, input_hw=hw, batch=meta["batch"], runs=args.runs,
+                                          budget_s=args.budget, name=f"{label} (jax)"))
+    return rows
+
+
+def print_predictions(model_path: str, images: list[str], top_k: int = 5, out=None) -> int:
+    """`zoo predict --tflite MODEL IMAGE...`: the same output as `zoo predict`, from an exported model."""
+    from pathlib import Path
+
+    from export.metadata import predict_tflite, read
+
+    out = out or sys.stdout
+    name = read(model_path, check_hash=False)["name"]
+    for path, top in zip(images, predict_tflite(model_path, list(images), top_k=top_k)):
+        print(f"{path}  ({name}, {Path(model_path).name})", file=out)
+        for rank, (label, prob) in enumerate(top, 1):
+            print(f"  {rank}. {label:<30s} {prob:6.2%}", file=out)
+    return 0

@@ -1,0 +1,89 @@
+"""Export-time substitutions: the same function, written with ops the target runs fast.
+
+Two of them: hard-swish for full-int8 graphs (below) and float depthwise weights in dynamic-range graphs
+(`float_depthwise_weights`).
+
+Hard-swish: the TFLite converter turns `x * relu6(x + 3) / 6` into one HARD_SWISH op. XNNPACK runs it in float, but
+has no int8 kernel for it in this LiteRT (2.3): in a full-int8 MobileNetV3 each of the 21 HARD_SWISH ops falls back to
+a builtin kernel and splits the graph into 22 delegate partitions, and the int8 model runs slower than fp32
+(FINDINGS; measured again here: 8.7 ms int8 vs 5.8 ms fp32 at 224x224, 1 thread). Written as
+`(x * 1/6) * relu6(x + 3)` the converter no longer recognises the pattern and emits MUL, ADD (with fused RELU6) and
+MUL, all of which XNNPACK runs in int8: one partition, 3.7 ms. The substitution is exact in real arithmetic (float
+results differ by rounding only), so it is applied to full-int8 exports only, where it pays; float graphs keep the
+single HARD_SWISH op.
+
+The models look activations up by name at trace time (`zoo.layers.activations.get_act`), so the substitution swaps
+entries of that table for the duration of a trace.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import jax
+import numpy as np
+
+
+def hard_swish_int8_friendly(x):
+    """hard_swish(x) = x * relu6(x + 3) / 6, ordered so that the converter keeps it as MUL / ADD+RELU6 / MUL."""
+    return (x * (1.0 / 6.0)) * jax.nn.relu6(x + 3.0)
+
+
+# Applied to full-int8 exports (see the module docstring for the measurement behind each entry).
+INT8_ACTIVATIONS: Mapping[str, Callable] = {"hard_swish": hard_swish_int8_friendly}
+
+
+
+def activation_overrides(overrides: Mapping[str, Callable] | None):
+    """Trace models with `overrides` (activation name -> function) in place of the zoo's definitions."""
+    from zoo.layers.activations import override_activations
+
+    return override_activations(overrides or {})
+
+
+def float_depthwise_weights(content: bytes) -> tuple[bytes, int]:
+    """Dynamic-range models: store DEPTHWISE_CONV_2D weights as float32 again (dequantized), so those ops run float.
+
+    Dynamic-range quantization gives every convolution int8 weights, and the LiteRT XNNPACK delegate runs such
+    "hybrid" CONV_2D and FULLY_CONNECTED ops but not hybrid DEPTHWISE_CONV_2D: each one falls back to a builtin kernel
+    and splits the graph (MobileNetV2: 16 delegate partitions, 15 depthwise ops off XNNPACK). Depthwise weights are
+    ~2-3% of a mobile network's parameters, so keeping them float costs little size. Returns the new flatbuffer and
+    the number of weight tensors changed (0: the input is returned unchanged).
+    """
+    import flatbuffers
+
+    from export.ops_report import _enum_names, _schema
+
+    s = _schema()
+    model = s.ModelT.InitFromObj(s.Model.GetRootAs(content, 0))
+    names = _enum_names(s.BuiltinOperator)
+    dw_codes = {i for i, oc in enumerate(model.operatorCodes or [])
+                if names.get(max(oc.builtinCode, oc.deprecatedBuiltinCode)) == "DEPTHWISE_CONV_2D"}
+    changed = 0
+    for g in model.subgraphs or []:
+        for op in g.operators or []:
+            if op.opcodeIndex not in dw_codes or len(op.inputs) < 2:
+                continue
+            w = g.tensors[op.inputs[1]]
+            q = w.quantization
+            if w.type != s.TensorType.INT8 or q is None or q.scale is None or len(q.scale) == 0:
+                continue
+            buf = model.buffers[w.buffer]
+            if buf.data is None or len(buf.data) == 0:
+                continue
+            shape = [int(d) for d in w.shape]
+            arr = np.frombuffer(bytes(np.asarray(buf.data, np.uint8)), np.int8).reshape(shape).astype(np.float32)
+            scale = np.asarray(q.scale, np.float32)
+            zero = np.asarray(q.zeroPoint if q.zeroPoint is not None else np.zeros_like(scale), np.float32)
+            bshape = [1] * len(shape)
+            if len(scale) > 1:
+                bshape[q.quantizedDimension] = len(scale)
+            arr = (arr - zero.reshape(bshape)) * scale.reshape(bshape)
+            buf.data = np.frombuffer(arr.astype(np.float32).tobytes(), np.uint8)
+            w.type, w.quantization = s.TensorType.FLOAT32, None
+            changed += 1
+    if not changed:
+        return content, 0
+    builder = flatbuffers.Builder(len(content) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output()), changed
