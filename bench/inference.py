@@ -1,7 +1,8 @@
 """Inference throughput of zoo models against their PyTorch twins, side by side, on the CPU at a fixed thread count.
 
     python bench/inference.py --quick                    # 4 models, batch 1 and 32, 2 threads (~3 min)
-    python bench/inference.py                            # every model with a twin (~15 min on 2 cores)
+    python bench/inference.py                            # every model with a twin (~15 min on 2 idle cores;
+                                                         # 33 min at --threads 1 while others used 1.5 CPUs)
     python bench/inference.py --models 'mobilenetv3*' --batches 1 --depthwise native,auto
 
 For each model and batch size it measures images/second of
@@ -23,7 +24,8 @@ dominate the run. The machine is noisy: alternating rounds within one process ke
 Threads: XLA:CPU (jax 0.10.2) has no flag for its intra-op thread count (TF's `intra_op_parallelism_threads` is not
 an XLA flag; `--xla_cpu_multi_thread_eigen` only switches Eigen's multi-threading, and
 `--xla_force_host_platform_device_count` / `--xla_cpu_parallel_codegen_split_count` do not limit run-time threads).
-Its thread pool is sized from the CPUs the process may run on (`sched_getaffinity`). So `--threads N` pins the whole
+Its thread pool is sized from the CPUs the process may run on (`sched_getaffinity`: pinned to one CPU the process
+has one `tf_XLAEigen` thread, to two CPUs two). So `--threads N` pins the whole
 process to N CPUs with `os.sched_setaffinity` before jax or torch is imported, which bounds both frameworks to the
 same cores, and also calls `torch.set_num_threads(N)` (torch would otherwise size its pool from the machine).
 `--xla-flags` appends XLA flags (set before jax is imported) for experiments, e.g. `--xla_cpu_use_onednn=true`.
