@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import os
 
+# The reference implementations load before anything imports TensorFlow (the export tests): importing torchvision
+# after tensorflow segfaults in triton's extension (torch 2.14.1 + tensorflow 2.21 in one process).
+import timm  # noqa: F401
+import torch  # noqa: F401
+import torchvision  # noqa: F401
+
 import numpy as np
 import pytest
 
