@@ -1,0 +1,29 @@
+"""The shared training loop: fine-tune any zoo model on your data, on one CPU or many accelerators, resumable.
+
+    import train
+    cfg = train.TrainConfig()
+    cfg.model.name, cfg.data.source, cfg.steps = "tf_efficientnet_lite0", "folder:~/photos", 300
+    result = train.fit(cfg)            # or train.fit(cfg, train_data=(images, labels), eval_data=...)
+    result.model.predict("cat.jpg")    # a zoo.Model with the trained weights
+    model = train.load_run(cfg.workdir)  # later, from the checkpoint
+
+`zoo train` / `zoo eval` on the command line (train/cli.py); shipped recipes in `train.configs`.
+"""
+
+from train.checkpoint import CheckpointError, Checkpoints
+from train.config import (ConfigError, DataConfig, DistillConfig, ModelConfig, OptimConfig, TrainConfig,
+                          apply_overrides, valid_keys)
+from train.data import ArraySource, DataError, FolderSource, Loader, Source, TfdsSource, Transform, write_image_folder
+from train.distill import Distillation
+from train.loop import NonFiniteError, Trainer, TrainResult, evaluate, fit, load_run
+from train.state import TrainState
+from train.summary import read_metrics
+from train.tasks import Classification, Forward, Task
+
+__all__ = [
+    "ArraySource", "CheckpointError", "Checkpoints", "Classification", "ConfigError", "DataConfig", "DataError",
+    "Distillation", "DistillConfig", "FolderSource", "Forward", "Loader", "ModelConfig", "NonFiniteError",
+    "OptimConfig", "Source", "Task", "TfdsSource", "TrainConfig", "TrainResult", "TrainState", "Trainer",
+    "Transform", "apply_overrides", "evaluate", "fit", "load_run", "read_metrics", "valid_keys",
+    "write_image_folder",
+]

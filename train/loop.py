@@ -1,0 +1,503 @@
+"""The training loop: `fit(config)` fine-tunes (or trains, or distills into) any zoo model and returns the result.
+
+Order of initialization: an existing checkpoint in the workdir (resume), else `model.init_from` (a previous run), else
+the pretrained weights, else a random init. All checks of the data, the model and the config run before the first
+step. The loop itself only moves batches, calls the jitted step, and reports; what the task is never matters here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import zoo
+from train import parallel
+from train.checkpoint import Checkpoints, CheckpointError, abstract, check_compatible
+from train.config import ConfigError, TrainConfig, to_dict
+from train.data import ArraySource, DataError, Loader, Source, Transform, has_split, open_source, split_fraction
+from train.distill import Distillation
+from train.optim import decay_mask, lr_multipliers, make_optimizer, make_schedule, select_trainable
+from train.state import TASK_PREFIX, TrainState, create_state, flatten, unflatten
+from train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from train.summary import MetricsLog, Progress, TensorBoardWriter, plot_curves, read_metrics
+from train.tasks import Classification, Task
+from zoo.config import FeatureInfo, ModelCfg
+from zoo.layers.conv import depthwise_impl
+
+log = logging.getLogger("train")
+
+
+class NonFiniteError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step and the last checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    model: zoo.Model  # the trained network (EMA weights when kept), ready for model(images) / model.predict
+    state: TrainState
+    metrics: dict  # final evaluation metrics ({} without evaluation data)
+    history: list[dict] = field(default_factory=list)  # the metrics.jsonl records
+    workdir: Path | None = None
+    train_seconds: float = 0.0  # wall time of the steps run in this call (compilation included)
+
+
+# ---- building blocks ---------------------------------------------------------------------------------------------
+
+def _as_source(data, name: str) -> Source | None:
+    if data is None or isinstance(data, Source):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return ArraySource(data[0], data[1], name=name)
+    raise TypeError(f"{name} data must be a Source, an (images, labels) pair or None, not {type(data).__name__}")
+
+
+def open_data(cfg: TrainConfig, train_data=None, eval_data=None) -> tuple[Source, Source | None]:
+    d = cfg.data
+    train_src = _as_source(train_data, "train") or open_source(d.source, d.train_split, data_dir=d.data_dir,
+                                                                image_key=d.image_key, label_key=d.label_key)
+    eval_src = _as_source(eval_data, "eval")
+    if eval_src is None and d.val_fraction:
+        train_src, eval_src = split_fraction(train_src, d.val_fraction, cfg.seed)
+    elif eval_src is None and d.eval_split and train_data is None and has_split(d.source, d.eval_split):
+        eval_src = open_source(d.source, d.eval_split, data_dir=d.data_dir, image_key=d.image_key,
+                               label_key=d.label_key, class_names=train_src.class_names)
+    return train_src, eval_src
+
+
+def _overrides(mcfg) -> dict:
+    out = {}
+    if mcfg.drop_rate is not None:
+        out["drop_rate"] = mcfg.drop_rate
+    if mcfg.drop_path_rate is not None:
+        out["drop_path_rate"] = mcfg.drop_path_rate
+    if mcfg.dtype not in ("float32", "", None):
+        out["dtype"] = _dtype(mcfg.dtype)
+    return out
+
+
+def _dtype(name: str):
+    try:
+        return {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}[name]
+    except KeyError:
+        raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, not '{name}'") from None
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> zoo.Model:
+    """The model this config trains, initialized from init_from, pretrained weights or randomly."""
+    m = cfg.model
+    overrides = _overrides(m)
+    if m.init_from:
+        base = load_run(m.init_from, which="latest", ema=True)
+        if base.cfg.name != zoo.registry.split_name(m.name)[0]:
+            raise CheckpointError(f"model.init_from={m.init_from} holds a '{base.cfg.name}', not '{m.name}'")
+        module = zoo.create_model(base.cfg.name, num_classes=num_classes, in_chans=base.cfg.in_chans, **overrides)
+        variables = base.variables
+        if base.cfg.num_classes != num_classes:
+            variables = _reset_classifier(module, base, num_classes)
+            log.warning("%s: classifier re-initialized for %d classes (init_from has %d)", base.cfg.name,
+                        num_classes, base.cfg.num_classes)
+        return zoo.Model(module, variables, base.cfg.replace(num_classes=num_classes))
+    return zoo.load(m.name, pretrained=m.pretrained or m.weights is not None, num_classes=num_classes,
+                    in_chans=m.in_chans, weights=m.weights, seed=cfg.seed, progress=cfg.progress, **overrides)
+
+
+def _reset_classifier(module, base: zoo.Model, num_classes: int) -> dict:
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *base.cfg.input_size,
+                                                                                base.cfg.in_chans))))
+    flat = flatten(base.variables["params"])
+    prefix = base.cfg.classifier + "/"
+    for k, v in flatten(shapes["params"]).items():
+        if k.startswith(prefix):
+            flat[k] = jnp.zeros(v.shape, v.dtype)
+    return {**base.variables, "params": unflatten(flat)}
+
+
+def build_task(cfg: TrainConfig, num_classes: int, student: zoo.Model) -> Task:
+    d = cfg.data
+    task: Task = Classification(num_classes, label_smoothing=d.label_smoothing, mixup_alpha=d.mixup_alpha,
+                                cutmix_alpha=d.cutmix_alpha, mix_prob=d.mix_prob)
+    k = cfg.distill
+    if k.teacher:
+        teacher = load_teacher(k.teacher, k.teacher_num_classes, progress=cfg.progress)
+        task = Distillation(task, teacher, student.cfg, temperature=k.temperature, alpha=k.alpha,
+                            features=k.features, feature_weight=k.feature_weight,
+                            teacher_image_size=k.teacher_image_size, seed=cfg.seed)
+    return task
+
+
+def load_teacher(spec: str, num_classes: int | None = None, progress: bool = True) -> zoo.Model:
+    """A teacher by zoo name (pretrained) or by the workdir of a finished run."""
+    if Path(spec).expanduser().is_dir():
+        return load_run(spec, which="best", ema=True)
+    return zoo.load(spec, num_classes=num_classes, progress=progress)
+
+
+def transforms(cfg: TrainConfig, model_cfg: ModelCfg) -> tuple[Transform, Transform]:
+    d = cfg.data
+    train = Transform(size=tuple(model_cfg.input_size), mean=tuple(model_cfg.mean), std=tuple(model_cfg.std),
+                      channels=model_cfg.in_chans, train=True,
+                      interpolation=d.interpolation or model_cfg.interpolation, crop_pct=model_cfg.crop_pct,
+                      gray_to_rgb=d.gray_to_rgb, random_resized_crop=d.random_resized_crop,
+                      rrc_scale=tuple(d.rrc_scale), rrc_ratio=tuple(d.rrc_ratio), hflip=d.hflip,
+                      randaugment_ops=d.randaugment_ops, randaugment_magnitude=d.randaugment_magnitude)
+    return train, dataclasses.replace(train, train=False, crop_pct=d.eval_crop_pct or model_cfg.crop_pct)
+
+
+def model_meta(model: zoo.Model, cfg: TrainConfig) -> dict:
+    return {"name": model.cfg.name, "num_classes": model.cfg.num_classes, "in_chans": model.cfg.in_chans,
+            "dtype": cfg.model.dtype, "drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
+
+
+def _setup_jax(cfg: TrainConfig) -> None:
+    parallel.maybe_initialize_distributed(cfg.distributed)
+    if cfg.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", str(Path(cfg.compilation_cache).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------
+
+class Trainer:
+    """Everything `fit` builds, inspectable before running: `Trainer(cfg, ...).run()` is `fit(cfg, ...)`.
+
+    After construction the data, model, task, optimizer and state exist and every check has passed; `step` is the
+    jitted pure step `(state, batch, rng) -> (state, metrics)`.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, model: zoo.Model | None = None, train_data=None, eval_data=None,
+                 task: Task | None = None, hooks: Sequence = (), compression: dict | None = None):
+        _setup_jax(cfg)
+        self.cfg = cfg
+        self.is_main = jax.process_index() == 0
+        self.workdir = Path(cfg.workdir).expanduser().absolute()
+        self.train_src, self.eval_src = open_data(cfg, train_data, eval_data)
+        num_classes = (model.cfg.num_classes if model is not None else None) or cfg.model.num_classes \
+            or self.train_src.num_classes
+        if not num_classes:
+            raise DataError("cannot tell the number of classes: set model.num_classes")
+        self.mesh = parallel.make_mesh()
+        self.shardings = parallel.shardings(self.mesh)
+        parallel.check_batch_size(cfg.data.batch_size, self.mesh)
+        parallel.check_batch_size(cfg.data.eval_batch_size or cfg.data.batch_size, self.mesh, "data.eval_batch_size")
+        if cfg.data.batch_size % (cfg.optim.accum_steps * self.mesh.devices.size):
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} must split into optim.accum_steps="
+                              f"{cfg.optim.accum_steps} micro-batches across {self.mesh.devices.size} devices")
+
+        self.model = model or build_model(cfg, num_classes)
+        if cfg.data.image_size:
+            self.model = dataclasses.replace(self.model, cfg=self.model.cfg.replace(
+                input_size=(cfg.data.image_size, cfg.data.image_size)))
+        if self.model.cfg.num_classes != num_classes:
+            raise ConfigError(f"model has {self.model.cfg.num_classes} classes, expected {num_classes}")
+        self.task = task or build_task(cfg, num_classes, self.model)
+        self.task.validate(self.train_src, self.model.cfg, gray_to_rgb=cfg.data.gray_to_rgb, what="training")
+        if self.eval_src is not None:
+            self.task.validate(self.eval_src, self.model.cfg, gray_to_rgb=cfg.data.gray_to_rgb, what="evaluation")
+
+        self.train_tf, self.eval_tf = transforms(cfg, self.model.cfg)
+        pi, pc = jax.process_index(), jax.process_count()
+        self.loader = Loader(self.train_src, self.train_tf, cfg.data.batch_size, seed=cfg.seed, process_index=pi,
+                             process_count=pc, workers=cfg.data.workers, prefetch=cfg.data.prefetch,
+                             collate=self.task.collate)
+        self.eval_loader = None if self.eval_src is None else Loader(
+            self.eval_src, self.eval_tf, cfg.data.eval_batch_size or cfg.data.batch_size, seed=cfg.seed,
+            process_index=pi, process_count=pc, workers=cfg.data.workers)
+        spe = self.loader.steps_per_epoch
+        if spe == 0:
+            raise DataError(f"{len(self.train_src)} training examples are fewer than one batch of "
+                            f"{cfg.data.batch_size}; lower data.batch_size")
+        self.total_steps = cfg.steps or int(math.ceil(cfg.epochs * spe))
+        if self.total_steps <= 0:
+            raise ConfigError("set steps or epochs to a positive number")
+
+        # what is trained, how
+        params = self.model.variables["params"]
+        paths = list(flatten(params))
+        self.trainable = tuple(select_trainable(paths, cfg.optim))
+        task_params = self.task.init_params(jax.random.key(cfg.seed))
+        trained_shapes = {**{p: flatten(params)[p].shape for p in self.trainable},
+                          **{TASK_PREFIX + k: v.shape for k, v in flatten(task_params).items()}}
+        self.schedule = make_schedule(cfg.optim, self.total_steps)
+        self.tx = make_optimizer(cfg.optim, self.schedule, decay_mask(trained_shapes, cfg.optim),
+                                 lr_multipliers(list(trained_shapes), cfg.optim.lr_groups))
+        self.ckpt = Checkpoints(self.workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
+        resume_step = self.ckpt.latest_step()
+        replicated, _ = self.shardings
+        # one compiled function builds the whole state on the mesh (eager per-leaf ops would each compile)
+        init_state = functools.partial(create_state, tx=self.tx, trainable=self.trainable,
+                                       ema=cfg.optim.ema_decay > 0)
+        args = (self.model.variables, task_params, compression or {})
+        self.meta_model = model_meta(self.model, cfg)
+        self.start_step = 0
+        if resume_step is not None:
+            meta = self.ckpt.read_meta(resume_step)
+            check_compatible(self.ckpt, resume_step, meta, self.meta_model, params)
+            target = abstract(jax.eval_shape(lambda v, t, c: init_state(v, task_params=t, compression=c), *args),
+                              replicated)
+            state, meta = self.ckpt.restore(target, resume_step)
+            self.start_step = int(state.step)
+            self.best = meta.get("best", {})
+            log.info("resumed %s at step %d", self.workdir, self.start_step)
+        else:
+            state = jax.jit(lambda v, t, c: init_state(v, task_params=t, compression=c),
+                            out_shardings=replicated)(*args)
+            self.best = {}
+        self.state = state
+        self.resumed = resume_step is not None
+
+        step_fn = make_train_step(self.model.module, self.task, self.tx, self.schedule, self.trainable,
+                                  accum_steps=cfg.optim.accum_steps, ema_decay=cfg.optim.ema_decay, hooks=hooks)
+        self._train_step = jit_train_step(step_fn, self.shardings)
+        self._eval_step = jit_eval_step(make_eval_step(self.model.module, self.task), self.shardings)
+        self.consts = parallel.replicate(self.task.consts(), replicated)
+        self.rng = jax.random.key(cfg.seed)
+
+    def step(self, state: TrainState, batch: dict, rng: jax.Array):
+        """The jitted pure step `(state, batch, rng) -> (state, metrics)`; `state` is donated."""
+        return self._train_step(state, batch, rng, self.consts)
+
+    # -- evaluation --
+    def evaluate(self, state: TrainState | None = None) -> dict:
+        state = state or self.state
+        if self.eval_loader is None:
+            return {}
+        params = state.ema_params if (self.cfg.optim.ema_decay > 0 and state.ema_params) else state.params
+        return run_eval(self._eval_step, params, state.model_state, self.eval_loader, self.task, self.shardings)
+
+    # -- the loop --
+    def run(self) -> TrainResult:
+        cfg, total = self.cfg, self.total_steps
+        with depthwise_impl(cfg.depthwise_impl):
+            return self._run(cfg, total)
+
+    def _meta(self, step: int, eval_metrics: dict | None = None) -> dict:
+        return {"step": step, "model": self.meta_model, "model_cfg": dataclasses.asdict(self.model.cfg),
+                "config": to_dict(self.cfg), "class_names": list(self.train_src.class_names or []),
+                "best": self.best, "eval": eval_metrics or {}, "total_steps": self.total_steps,
+                "time": time.time()}
+
+    def _run(self, cfg: TrainConfig, total: int) -> TrainResult:
+        if self.is_main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            (self.workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        mlog = MetricsLog(self.workdir / "metrics.jsonl", resume_step=self.start_step if self.resumed else None) \
+            if self.is_main else None
+        tb = TensorBoardWriter(self.workdir / "tb") if (cfg.tensorboard and self.is_main) else None
+        progress = Progress(total, self.start_step, cfg.data.batch_size, enabled=cfg.progress and self.is_main)
+        stop = _StopSignal()
+        eval_every, ckpt_every = cfg.eval_every, cfg.checkpoint_every or cfg.eval_every
+        pending: list[tuple[int, dict]] = []
+        last_checked = self.start_step
+        last_saved = self.start_step if self.resumed else None
+        eval_metrics: dict = {}
+        state, t0 = self.state, time.perf_counter()
+        _, batched = self.shardings
+
+        def flush(step: int):
+            nonlocal pending, last_checked
+            if not pending:
+                return
+            host = jax.device_get([m for _, m in pending])
+            steps = [s for s, _ in pending]
+            for s, m in zip(steps, host):
+                if not np.isfinite(m["loss"]):
+                    where = (f"the last checkpoint is step {last_saved} in {self.workdir}" if last_saved is not None
+                             else "no checkpoint was written")
+                    raise NonFiniteError(
+                        f"training loss is {float(m['loss'])} at step {s} (first non-finite value among steps "
+                        f"{last_checked + 1}-{steps[-1]}); the run stopped, {where}. Lower optim.lr, set "
+                        "optim.clip_grad_norm, or check the data")
+            mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+            rate = progress.update(step, mean)
+            mean["images_per_sec"] = rate
+            if mlog:
+                mlog.write(step, "train", mean)
+            if tb:
+                tb.scalars(step, {f"train/{k}": v for k, v in mean.items()})
+            pending, last_checked = [], step
+
+        try:
+            for step, local in zip(range(self.start_step, total), self.loader.iterate(self.start_step, total)):
+                state, metrics = self.step(state, parallel.global_batch(local, batched), self.rng)
+                done = step + 1
+                pending.append((done, metrics))
+                is_last = done == total
+                want_eval = is_last or (eval_every and done % eval_every == 0)
+                want_ckpt = is_last or want_eval or (ckpt_every and done % ckpt_every == 0) or stop.requested
+                if done % cfg.log_every == 0 or want_ckpt:
+                    flush(done)
+                if want_eval and self.eval_loader is not None:
+                    eval_metrics = self.evaluate(state)
+                    improved = self._track_best(done, eval_metrics)
+                    if self.is_main:
+                        mlog.write(done, "eval", eval_metrics)
+                        if tb:
+                            tb.scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                        progress.write(f"step {done}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                                         eval_metrics.items()))
+                    progress.pause_end()
+                else:
+                    improved = False
+                if want_ckpt:
+                    self.ckpt.save(done, state, self._meta(done, eval_metrics), best=improved)
+                    last_saved = done
+                if stop.requested:
+                    progress.write(f"stopping at step {done} on {stop.name}; checkpoint saved")
+                    break
+            flush(int(state.step))
+            self.ckpt.wait()
+        finally:
+            stop.restore()
+            progress.close()
+            if tb:
+                tb.close()
+        seconds = time.perf_counter() - t0
+        self.state = state
+        if self.start_step >= total and self.eval_loader is not None:
+            eval_metrics = self.evaluate(state)
+        history = read_metrics(self.workdir / "metrics.jsonl") if self.is_main else []
+        if cfg.plot and self.is_main and history:
+            plot_curves(history, self.workdir / "curves.png", title=f"{self.model.cfg.name} ({self.workdir.name})")
+        return TrainResult(model=self.trained_model(state), state=state, metrics=eval_metrics, history=history,
+                           workdir=self.workdir, train_seconds=seconds)
+
+    def _track_best(self, step: int, metrics: dict) -> bool:
+        key = self.cfg.best_metric
+        if not key or key not in metrics:
+            return False
+        value, best = metrics[key], self.best.get("value")
+        better = best is None or (value > best if self.cfg.best_mode == "max" else value < best)
+        if better:
+            self.best = {"metric": key, "value": value, "step": step}
+        return better
+
+    def trained_model(self, state: TrainState | None = None) -> zoo.Model:
+        state = state or self.state
+        return zoo.Model(self.model.module, state.variables(ema=self.cfg.optim.ema_decay > 0), self.model.cfg)
+
+
+class _StopSignal:
+    """SIGTERM (preemption) asks the loop to checkpoint and stop at the next step boundary."""
+
+    def __init__(self):
+        self.requested, self.name, self._old = False, "", None
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+
+    def _handle(self, signum, frame):
+        self.requested, self.name = True, signal.Signals(signum).name
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def run_eval(eval_step, params, model_state, loader: Loader, task: Task, shardings) -> dict:
+    _, batched = shardings
+    total = None
+    for local in loader.eval_batches():
+        sums = eval_step(params, model_state, parallel.global_batch(local, batched))
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    return task.summarize(jax.device_get(total)) if total is not None else {}
+
+
+def fit(cfg: TrainConfig, *, model: zoo.Model | None = None, train_data=None, eval_data=None,
+        task: Task | None = None, hooks: Sequence = (), compression: dict | None = None) -> TrainResult:
+    """Train as `cfg` says; resumes from the workdir's last checkpoint when there is one.
+
+    `train_data` / `eval_data`: a `Source` or an `(images uint8, labels int)` pair instead of `cfg.data.source`;
+    `model`: a `zoo.Model` instead of `cfg.model`; `task`: instead of classification; `hooks`: compression hooks
+    `(params, compression) -> (params, compression)` run after each update, with `compression` their initial state.
+    """
+    return Trainer(cfg, model=model, train_data=train_data, eval_data=eval_data, task=task, hooks=hooks,
+                   compression=compression).run()
+
+
+# ---- finished runs -----------------------------------------------------------------------------------------------
+
+def _model_cfg(d: dict) -> ModelCfg:
+    d = dict(d)
+    d["feature_info"] = tuple(FeatureInfo(**f) for f in d.get("feature_info", ()))
+    for k in ("input_size", "mean", "std"):
+        d[k] = tuple(d[k])
+    return ModelCfg(**d)
+
+
+def load_run(workdir: str | Path, *, which: str = "best", ema: bool = True, model: zoo.Model | None = None
+             ) -> zoo.Model:
+    """The model a run trained, from its `best` checkpoint (else its latest), as a `zoo.Model`.
+
+    The architecture is rebuilt from the zoo registry by the name the run recorded; pass `model` (any `zoo.Model` of
+    the same structure) for networks that are not registered.
+    """
+    ckpt = Checkpoints(workdir, read_only=True)
+    try:
+        if which == "best" and ckpt.latest_step("best") is None:
+            which = "latest"
+        step = ckpt.latest_step(which)
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {Path(workdir).expanduser().absolute()}")
+        meta = ckpt.read_meta(step, which)
+        mm = meta["model"]
+        if model is not None:
+            check_compatible(ckpt, step, meta, {"name": model.cfg.name, "num_classes": model.cfg.num_classes},
+                             model.variables["params"], which)
+            module, cfg = model.module, model.cfg
+        else:
+            cfg = _model_cfg(meta["model_cfg"])
+            overrides = {k: mm[k] for k in ("drop_rate", "drop_path_rate") if mm.get(k) is not None}
+            if mm.get("dtype") not in (None, "float32"):
+                overrides["dtype"] = _dtype(mm["dtype"])
+            module = zoo.create_model(mm["name"], num_classes=mm["num_classes"], in_chans=mm["in_chans"],
+                                      **overrides)
+        raw = ckpt.restore_raw(step, which)
+    finally:
+        ckpt.close()
+    params = raw["ema_params"] if (ema and raw.get("ema_params")) else raw["params"]
+    variables = jax.tree.map(jnp.asarray, {"params": params, **raw["model_state"]})
+    return zoo.Model(module, variables, cfg)
+
+
+def evaluate(model: zoo.Model, data, *, split: str = "test", batch_size: int = 64, image_size: int | None = None,
+             crop_pct: float | None = None, gray_to_rgb: bool = False, task: Task | None = None,
+             class_names: Sequence[str] | None = None, workers: int = 2) -> dict:
+    """Metrics of `model` on `data` (a Source, an (images, labels) pair, or a source spec with `split`).
+
+    For folders, `class_names` (in training order) maps subfolders to labels; by default the classes of a sibling
+    `train` split when there is one, else the folder's own subfolders.
+    """
+    if isinstance(data, str):
+        if class_names is None and not data.startswith("tfds:") and has_split(data, "train") and split != "train":
+            class_names = open_source(data, "train").class_names
+        source = open_source(data, split, class_names=class_names)
+    else:
+        source = _as_source(data, "eval")
+    cfg = TrainConfig()
+    cfg.data.gray_to_rgb, cfg.data.eval_crop_pct = gray_to_rgb, crop_pct
+    mcfg = model.cfg.replace(input_size=(image_size, image_size)) if image_size else model.cfg
+    task = task or Classification(mcfg.num_classes)
+    task.validate(source, mcfg, gray_to_rgb=gray_to_rgb, what="evaluation")
+    _, eval_tf = transforms(cfg, mcfg)
+    mesh = parallel.make_mesh()
+    sh = parallel.shardings(mesh)
+    parallel.check_batch_size(batch_size, mesh, "batch_size")
+    loader = Loader(source, eval_tf, batch_size, process_index=jax.process_index(),
+                    process_count=jax.process_count(), workers=workers)
+    step = jit_eval_step(make_eval_step(model.module, task), sh)
+    variables = dict(model.variables)
+    params = parallel.replicate(variables.pop("params"), sh[0])
+    return run_eval(step, params, parallel.replicate(variables, sh[0]), loader, task, sh)
