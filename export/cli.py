@@ -22,6 +22,9 @@ def add_commands(sub) -> None:
                         "normalized float NHWC arrays")
     p.add_argument("--num-calibration", type=int, default=200, metavar="N",
                    help="use at most N calibration inputs (default 200)")
+    p.add_argument("--calibration-method", default="minmax", choices=("minmax", "percentile", "mse"),
+                   help="int8 activation ranges from the calibration data: the converter's min/max (default), a "
+                        "percentile of each tensor, or the range with the least quantization error")
     p.add_argument("--verify", metavar="DATA", help="verify on these inputs (folder or .npy; default: 8 calibration "
                    "inputs for int8, else 8 random inputs)")
     p.add_argument("--min-agreement", type=float, metavar="FRAC",
@@ -92,7 +95,8 @@ def _cmd_export(args) -> int:
     try:
         res = to_tflite(model, quantization=args.quantization, representative_data=calib, input_hw=hw,
                         batch=args.batch, int8_io=args.int8_io, allow_flex=args.allow_flex, out=out,
-                        verify_data=vdata, min_agreement=args.min_agreement, progress=not args.quiet)
+                        verify_data=vdata, min_agreement=args.min_agreement, progress=not args.quiet,
+                        **({"calibration": args.calibration_method} if args.quantization == "int8" else {}))
     except ExportError as e:
         print(f"zoo export: error: {e}\nzoo export: nothing was written to {out}", file=sys.stderr)
         return 1

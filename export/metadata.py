@@ -39,7 +39,7 @@ def _finite(obj):
 
 
 def build(*, name: str, cfg, labels, quantization: str, int8_io: bool, batch: int, input_hw: tuple[int, int],
-          ops, verification, content: bytes, versions: dict) -> dict:
+          ops, verification, content: bytes, versions: dict, calibration: str | None = None) -> dict:
     """The sidecar dictionary of one export (`ops`: OpsReport, `verification`: VerifyReport)."""
     inp, out = ops.inputs[0], ops.outputs[0]
     return {
@@ -60,6 +60,7 @@ def build(*, name: str, cfg, labels, quantization: str, int8_io: bool, batch: in
         "labels": list(labels) if labels is not None else None,
         "quantization": quantization,
         "int8_io": int8_io,
+        "calibration": calibration,  # how int8 activation ranges were set (None: no calibration)
         "input": inp.as_dict(),
         "output": out.as_dict(),
         "size_bytes": len(content),

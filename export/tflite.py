@@ -15,10 +15,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from export import calibration, metadata, ops_report, verify
+from export import calibration as calib_io
+from export import metadata, ops_report, verify
 from export.errors import ExportError, UnsupportedOpsError
 from export.rewrites import INT8_ACTIVATIONS
 
@@ -33,6 +35,10 @@ DEFAULT_NUM_VERIFY = 8
 # 66% top-1 agreement and 52 delegate partitions (ADD, RSQRT, BATCH_MATMUL, SOFTMAX on builtin kernels) to 9.9 dB,
 # 89% and 1 partition, and ran faster (4.6 -> 3.8 ms), with them in float.
 DEFAULT_INT8_KEEP_FLOAT = r"/(norm\d*|attn)/"
+# How full-int8 activation ranges are chosen from the calibration data: the converter's own min/max, or replaced
+# before quantization by percentile clipping or the int8 MSE-optimal range (compress.ptq_ranges).
+CALIBRATIONS = ("minmax", "percentile", "mse")
+RangeHook = Callable[[bytes, list], bytes]
 
 
 @dataclass
@@ -171,7 +177,7 @@ def wants_float(variables, keep_float: str | None) -> bool:
 
 
 def _convert(tf, holder, concrete, q: str, calib: np.ndarray | None, batch: int, int8_io: bool, allow_flex: bool,
-             progress: bool, keep_float: str | None = None) -> bytes:
+             progress: bool, keep_float: str | None = None, ranges: RangeHook | None = None) -> bytes:
     conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
     ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if q != "fp32":
@@ -179,7 +185,7 @@ def _convert(tf, holder, concrete, q: str, calib: np.ndarray | None, batch: int,
     if q == "fp16":
         conv.target_spec.supported_types = [tf.float16]
     if q == "int8":
-        batches = calibration.chunks(calib, batch)
+        batches = calib_io.chunks(calib, batch)
 
         def representative():
             it = batches
@@ -199,8 +205,8 @@ def _convert(tf, holder, concrete, q: str, calib: np.ndarray | None, batch: int,
         ops = ops + [tf.lite.OpsSet.SELECT_TF_OPS]
     conv.target_spec.supported_ops = ops
     try:
-        if q == "int8" and keep_float:
-            return _quantize_keeping_float(tf, conv, keep_float, int8_io)
+        if q == "int8" and (keep_float or ranges is not None):
+            return _quantize_two_step(tf, conv, keep_float, int8_io, ranges, calib_io.chunks(calib, batch))
         return conv.convert()
     except ExportError:
         raise
@@ -216,25 +222,59 @@ def _convert(tf, holder, concrete, q: str, calib: np.ndarray | None, batch: int,
         raise ExportError(f"TFLite conversion ({q}) failed{hint}:\n{first}") from e
 
 
-def _quantize_keeping_float(tf, conv, keep_float: str, int8_io: bool) -> bytes:
-    """Full-int8 conversion in two steps - calibrate, then quantize - leaving the ops whose output tensor names (the
-    flax module paths) match `keep_float` in float: the converter's own path with a deny-list (what TF's
-    QuantizationDebugger does for selective quantization)."""
+def _quantize_two_step(tf, conv, keep_float: str | None, int8_io: bool, ranges: RangeHook | None,
+                       batches: list[np.ndarray]) -> bytes:
+    """Full-int8 conversion in two steps - calibrate, then quantize - as the converter does internally, with two
+    things possible in between: `ranges(calibrated, batches)` replaces the calibrated activation min/max (see
+    `resolve_calibration`), and ops whose output tensor names (the flax module paths) match `keep_float` stay float
+    (the converter's own deny-list, what TF's QuantizationDebugger does for selective quantization)."""
     try:
         from tensorflow.lite.python import convert as tfl_convert
         from tensorflow.lite.python import util as tfl_util
     except ImportError as e:  # pragma: no cover - a future TF
-        raise ExportError(f"this TensorFlow has no selective quantization entry point ({e}); pass "
-                          "int8_keep_float=None") from e
+        raise ExportError(f"this TensorFlow has no two-step quantization entry point ({e}); pass "
+                          "int8_keep_float=None and calibration='minmax'") from e
     conv._experimental_calibrate_only = True  # noqa: SLF001
     calibrated = conv.convert()
-    pat = re.compile(keep_float)
-    nodes = sorted({n for n in _tensor_names(calibrated) if pat.search(n)})
+    if ranges is not None:
+        calibrated = ranges(calibrated, batches)
+    nodes = []
+    if keep_float:
+        pat = re.compile(keep_float)
+        nodes = sorted({n for n in _tensor_names(calibrated) if pat.search(n)})
     model = tfl_convert.mlir_quantize(calibrated, input_data_type=tf.float32, output_data_type=tf.float32,
                                       denylisted_nodes=nodes)
     if int8_io:
         model = tfl_util.modify_model_io_type(model, tf.int8, tf.int8)
     return model
+
+
+def _calibration_name(calibration) -> str:
+    return calibration.lower() if isinstance(calibration, str) else getattr(calibration, "__name__", "custom")
+
+
+def resolve_calibration(calibration, q: str) -> RangeHook | None:
+    """`to_tflite(calibration=...)` -> the hook that rewrites calibrated ranges, or None for the converter's min/max.
+
+    A method name ("percentile", "mse"; see `compress.ptq_ranges`) or a callable `(calibrated_tflite: bytes,
+    batches: list of model-sized float arrays) -> bytes` that returns the calibrated (still float) flatbuffer with
+    new per-tensor min/max.
+    """
+    if callable(calibration):
+        if q != "int8":
+            raise ValueError(f"a calibration hook is only used by quantization='int8' (got {q!r})")
+        return calibration
+    if not isinstance(calibration, str) or calibration.lower() not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}; choose one of {', '.join(CALIBRATIONS)} (or a "
+                         "callable that rewrites the calibrated ranges)")
+    method = calibration.lower()
+    if method == "minmax":
+        return None
+    if q != "int8":
+        raise ValueError(f"calibration={method!r} only applies to quantization='int8' (got {q!r})")
+    from compress.ptq_ranges import range_hook  # range estimation lives with the other compression methods
+
+    return range_hook(method)
 
 
 _REFERENCE_FNS: dict = {}
@@ -317,6 +357,7 @@ def to_tflite(
     min_agreement: float | None = None,
     int8_friendly_activations: bool = True,
     int8_keep_float: str | None = DEFAULT_INT8_KEEP_FLOAT,
+    calibration: str | RangeHook = "minmax",
     dynamic_float_depthwise: bool = True,
     cfg=None,
     labels=None,
@@ -348,6 +389,9 @@ def to_tflite(
         (see `export.rewrites`); False keeps the HARD_SWISH op.
     int8_keep_float: regex over module paths (e.g. "/attn/") whose ops stay float in an "int8" export (float
         islands, reported); default: LayerNorm and attention of transformer blocks. None quantizes everything.
+    calibration: for "int8", how activation ranges are set from `representative_data`: "minmax" (the converter's
+        observed min/max), "percentile" (clip the 0.01% tails) or "mse" (the range minimizing each tensor's int8
+        quantization error), see `compress.ptq_ranges`; or a callable rewriting the calibrated flatbuffer.
     dynamic_float_depthwise: for "dynamic", keep depthwise weights float so XNNPACK runs those ops (it has no
         hybrid depthwise kernel; see `export.rewrites.float_depthwise_weights`).
     """
@@ -362,6 +406,7 @@ def to_tflite(
                          "verify on your inputs")
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
+    ranges = resolve_calibration(calibration, q)
     out_path = _check_out(out)
 
     module, variables, cfg, labels, name = _resolve_model(model_or_module, variables, cfg, labels, name, progress)
@@ -379,9 +424,9 @@ def to_tflite(
 
     calib = None
     if q == "int8":
-        calib = calibration.as_float_batch(representative_data, shape, "representative_data")
+        calib = calib_io.as_float_batch(representative_data, shape, "representative_data")
     if verify_data is not None:
-        vdata, source = calibration.as_float_batch(verify_data, shape, "verify_data"), "caller"
+        vdata, source = calib_io.as_float_batch(verify_data, shape, "verify_data"), "caller"
     elif calib is not None:
         vdata, source = calib[:DEFAULT_NUM_VERIFY], "calibration"
     else:
@@ -402,7 +447,7 @@ def to_tflite(
     prog.stage("convert", f"converting to TFLite ({q}" + (f", calibrating on {len(calib)} inputs" if calib is not None
                                                           else "") + ")")
     keep = int8_keep_float if (q == "int8" and wants_float(variables, int8_keep_float)) else None
-    content = _convert(tf, holder, concrete, q, calib, batch, int8_io, allow_flex, progress, keep)
+    content = _convert(tf, holder, concrete, q, calib, batch, int8_io, allow_flex, progress, keep, ranges)
     if q == "dynamic" and dynamic_float_depthwise:
         from export.rewrites import float_depthwise_weights
 
@@ -425,7 +470,8 @@ def to_tflite(
 
     meta = metadata.build(name=name, cfg=cfg, labels=labels, quantization=q, int8_io=int8_io, batch=batch,
                           input_hw=hw, ops=report, verification=result, content=content,
-                          versions=_versions(stablehlo_versions()["target"]))
+                          versions=_versions(stablehlo_versions()["target"]),
+                          calibration=_calibration_name(calibration) if q == "int8" else None)
     if out_path is not None:
         prog.stage("write", f"writing {out_path}")
         import json

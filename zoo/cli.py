@@ -12,7 +12,7 @@ import importlib
 import json
 import sys
 
-_EXTENSIONS = (("train.cli", "add_commands"), ("export.cli", "add_commands"))
+_EXTENSIONS = (("train.cli", "add_commands"), ("export.cli", "add_commands"), ("compress.cli", "add_commands"))
 
 
 def _cmd_list(args) -> int:
