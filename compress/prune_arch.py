@@ -1,0 +1,104 @@
+"""The architecture side of channel pruning: which MobileNet-family widths can change, and naming the result.
+
+A pruned network is the registered base architecture with other per-block channel widths (`mid_chs`, `se_chs`, the
+last `cn` block's `out_chs`) and possibly another `num_features`. This module reads those widths from a module,
+applies them to the registered base (`zoo.create_model(base, stages=...)`), and names pruned models
+`<base>_pruned<percent>`, so a saved file needs nothing but the base name and a table of integers.
+
+    from compress.prune_arch import block_widths, rebuild
+    widths = block_widths(small.module)                       # [[{"mid_chs": 48, "se_chs": 0, "out_chs": 16}, ...]]
+    module = rebuild("tf_efficientnet_lite0", widths, {"num_classes": 10})
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import zoo
+from zoo.models._mobile import MobileNet
+from zoo.registry import UnknownModelError, get_entry
+
+SUPPORTED = "MobileNetV2, MobileNetV3 and EfficientNet/EfficientNet-Lite (modules of class MobileNet)"
+WIDTH_FIELDS = ("mid_chs", "se_chs", "out_chs")
+# Module fields a saved pruned model may carry besides the widths (anything else must equal the registry's).
+MODULE_FIELDS = ("num_classes", "in_chans", "num_features", "drop_rate", "drop_path_rate")
+_PRUNED_NAME = re.compile(r"^(?P<base>.+)_pruned\d+$")
+
+
+def check_supported(module, what: str = "model") -> MobileNet:
+    """The module itself, or a ValueError naming the supported families."""
+    if not isinstance(module, MobileNet):
+        raise ValueError(f"channel pruning supports {SUPPORTED}; the {what} is a {type(module).__name__}")
+    return module
+
+
+def base_name(cfg_name: str) -> str:
+    """The registered architecture a (possibly already pruned) model's name refers to."""
+    for name in (cfg_name, (_PRUNED_NAME.match(cfg_name) or {"base": None})["base"]):
+        if name is None:
+            continue
+        try:
+            return get_entry(name).name
+        except UnknownModelError:
+            continue
+    raise ValueError(f"'{cfg_name}' is neither a registered model nor '<registered>_pruned<N>': pruned models are "
+                     "saved as their base architecture plus channel widths, so the base must be in `zoo.list_models()`")
+
+
+def pruned_name(base: str, removed_fraction: float) -> str:
+    return f"{base}_pruned{int(round(100 * removed_fraction))}"
+
+
+def block_widths(module: MobileNet) -> list[list[dict[str, int]]]:
+    """Per stage, per block: the channel widths pruning may change."""
+    return [[{f: getattr(b, f) for f in WIDTH_FIELDS} for b in stage] for stage in module.stages]
+
+
+def apply_widths(stages, widths) -> tuple:
+    """`stages` with the given widths; each block's `in_chs` follows the previous block's `out_chs`."""
+    if [len(s) for s in stages] != [len(w) for w in widths]:
+        raise ValueError(f"widths have {[len(w) for w in widths]} blocks per stage, the base architecture "
+                         f"{[len(s) for s in stages]}")
+    out, in_chs = [], stages[0][0].in_chs
+    for i, (stage, stage_w) in enumerate(zip(stages, widths)):
+        blocks = []
+        for j, (b, w) in enumerate(zip(stage, stage_w)):
+            where = f"stages_{i}/block_{j}"
+            if set(w) != set(WIDTH_FIELDS) or not all(isinstance(v, int) and v >= 0 for v in w.values()):
+                raise ValueError(f"{where}: widths must be non-negative integers {WIDTH_FIELDS}, got {w}")
+            last = i == len(stages) - 1 and j == len(stage) - 1
+            if w["out_chs"] != b.out_chs and not (b.kind == "cn" and last):
+                # every other output is on the residual stream shared by the whole stage
+                raise ValueError(f"{where}: out_chs {w['out_chs']} != {b.out_chs}; only the final 'cn' block's "
+                                 "output channels can be pruned")
+            if (w["se_chs"] == 0) != (b.se_chs == 0) or (b.kind != "ir" and w["mid_chs"] != b.mid_chs):
+                raise ValueError(f"{where}: widths {w} do not fit a '{b.kind}' block with se_chs={b.se_chs}")
+            nb = replace(b, in_chs=in_chs, **w)
+            if b.kind != "ir":  # 'ds' and 'cn' blocks have no expansion: mid_chs mirrors in_chs
+                nb = replace(nb, mid_chs=in_chs)
+            blocks.append(nb)
+            in_chs = nb.out_chs
+        out.append(tuple(blocks))
+    return tuple(out)
+
+
+def rebuild(base: str, widths, fields: dict) -> MobileNet:
+    """`zoo.create_model(base, stages=<base stages with widths>, **fields)`."""
+    unknown = set(fields) - set(MODULE_FIELDS)
+    if unknown:
+        raise ValueError(f"unsupported module fields {sorted(unknown)}; a pruned model may set {MODULE_FIELDS}")
+    reference = check_supported(zoo.create_model(base), f"registered model '{base}'")
+    return zoo.create_model(base, stages=apply_widths(reference.stages, widths), **fields)
+
+
+def module_fields(module: MobileNet, base: str) -> dict:
+    """The fields `rebuild` needs to reproduce `module`; raises when `module` differs from `base` in other ways."""
+    fields = {f: getattr(module, f) for f in MODULE_FIELDS}
+    rebuilt = rebuild(base, block_widths(module), fields)
+    if rebuilt != module:
+        differ = [f for f in module.__dataclass_fields__ if f not in ("parent", "name")
+                  and getattr(rebuilt, f) != getattr(module, f)]
+        raise ValueError(f"the module differs from registered '{base}' in {differ}, which a pruned model does not "
+                         f"record (it records channel widths and {MODULE_FIELDS})")
+    return fields
