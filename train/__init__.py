@@ -11,7 +11,7 @@
 """
 
 from train.checkpoint import CheckpointError, Checkpoints
-from train.config import (ConfigError, DataConfig, DistillConfig, ModelConfig, OptimConfig, TrainConfig,
+from train.config import (CompressConfig, ConfigError, DataConfig, DistillConfig, ModelConfig, OptimConfig, TrainConfig,
                           apply_overrides, valid_keys)
 from train.data import ArraySource, DataError, FolderSource, Loader, Source, TfdsSource, Transform, write_image_folder
 from train.distill import Distillation
@@ -21,7 +21,7 @@ from train.summary import read_metrics
 from train.tasks import Classification, Forward, Task
 
 __all__ = [
-    "ArraySource", "CheckpointError", "Checkpoints", "Classification", "ConfigError", "DataConfig", "DataError",
+    "ArraySource", "CheckpointError", "Checkpoints", "Classification", "CompressConfig", "ConfigError", "DataConfig", "DataError",
     "Distillation", "DistillConfig", "FolderSource", "Forward", "Loader", "ModelConfig", "NonFiniteError",
     "OptimConfig", "Source", "Task", "TfdsSource", "TrainConfig", "TrainResult", "TrainState", "Trainer",
     "Transform", "apply_overrides", "evaluate", "fit", "load_run", "read_metrics", "valid_keys",

@@ -1,8 +1,8 @@
 """Run configuration: plain dataclasses, one per concern, with `key=value` overrides from the command line.
 
-`TrainConfig` nests `ModelConfig`, `DataConfig`, `OptimConfig` and `DistillConfig`. Overrides address fields by dotted
-path (`optim.lr=3e-3`, `data.rrc_scale=0.5,1`, `steps=200`); values are parsed by the field's annotated type, and a key
-that does not exist is an error that lists the valid ones, before anything is built.
+`TrainConfig` nests `ModelConfig`, `DataConfig`, `OptimConfig`, `DistillConfig` and `CompressConfig`. Overrides
+address fields by dotted path (`optim.lr=3e-3`, `data.rrc_scale=0.5,1`, `steps=200`); values are parsed by the field's
+annotated type, and a key that does not exist is an error that lists the valid ones, before anything is built.
 """
 
 from __future__ import annotations
@@ -102,11 +102,41 @@ class DistillConfig:
 
 
 @dataclass
+class CompressConfig:
+    """Compression while training (compress/*.py): channel pruning of the built model, sparsity masks, QAT.
+
+    Applied in that order to the model a run builds (pretrained, `model.init_from` or scratch), so one recipe can
+    prune (and distill), then continue from that run with `compress.qat=True`, then export.
+    """
+
+    qat: bool = False  # quantization-aware training (compress.qat): int8 per-channel weights, int8 activations
+    fold_bn: bool = True  # QAT on the BN-folded network the converter deploys (BN frozen); False keeps BN training
+    qat_weight_bits: int = 8  # 2..8: the per-channel grid the kernels are rounded to (TFLite stores int8)
+    qat_activation_bits: int = 8  # 2..8: the per-tensor grid of layer inputs in training
+    qat_ema_decay: float = 0.99  # moving average of the activation ranges per step
+    qat_exclude: str = ""  # regex over layer paths kept in float (e.g. "/attn/")
+    # structured channel pruning (compress.prune) of the built model before training; 0: off
+    prune_ratio: float = 0.0  # fraction of each prunable channel group removed (expansion, SE, last 1x1), in (0, 1)
+    prune_criterion: str = "bn_scale"  # or "l1"
+    # sparsity (compress.sparsity): masks kept in the train state and re-applied after every update
+    sparsity: str = ""  # "" off, "2:4" (any N:M) or "unstructured"
+    sparsity_target: float = 0.5  # fraction of zeros for "unstructured"
+    sparsity_rules: tuple[str, ...] = ()  # regexes over parameter paths; empty: every large conv/dense kernel
+    sparsity_scope: str = "global"  # "global" (one threshold) or "layer"
+    sparsity_schedule: str = "oneshot"  # or "polynomial" (Zhu & Gupta), unstructured only
+    sparsity_begin_step: int = 0
+    sparsity_end_step: int | None = None  # required by "polynomial"
+    sparsity_frequency: int = 100  # steps between mask updates of the polynomial schedule
+    sparsity_initial: float = 0.0  # polynomial: sparsity at begin_step
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     workdir: str = "runs/default"
     seed: int = 0
     steps: int = 0  # total optimizer steps; 0: derived from epochs
@@ -126,7 +156,8 @@ class TrainConfig:
     depthwise_impl: str = "auto"  # zoo.layers.conv.depthwise_impl for the training step
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "distill": DistillConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "distill": DistillConfig,
+            "compress": CompressConfig}
 
 
 def valid_keys(cfg_cls: type = TrainConfig, prefix: str = "") -> list[str]:

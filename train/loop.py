@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import zoo
+from train import compression as compress_cfg
 from train import parallel
 from train.checkpoint import Checkpoints, CheckpointError, abstract, check_compatible
-from train.config import ConfigError, TrainConfig, to_dict
+from train.config import ConfigError, TrainConfig, from_dict, to_dict
 from train.data import ArraySource, DataError, Loader, Source, Transform, has_split, open_source, split_fraction
 from train.distill import Distillation
 from train.optim import decay_mask, lr_multipliers, make_optimizer, make_schedule, select_trainable
@@ -100,9 +101,15 @@ def build_model(cfg: TrainConfig, num_classes: int) -> zoo.Model:
     overrides = _overrides(m)
     if m.init_from:
         base = load_run(m.init_from, which="latest", ema=True)
-        if base.cfg.name != zoo.registry.split_name(m.name)[0]:
+        arch = compress_cfg.architecture(base)  # a pruned run: its own channel widths
+        registered = arch["base"] if arch else base.cfg.name
+        if registered != zoo.registry.split_name(m.name)[0]:
             raise CheckpointError(f"model.init_from={m.init_from} holds a '{base.cfg.name}', not '{m.name}'")
-        module = zoo.create_model(base.cfg.name, num_classes=num_classes, in_chans=base.cfg.in_chans, **overrides)
+        if arch:
+            module = compress_cfg.rebuild(arch, num_classes=num_classes, in_chans=base.cfg.in_chans, **overrides)
+        else:
+            module = zoo.create_model(base.cfg.name, num_classes=num_classes, in_chans=base.cfg.in_chans,
+                                      **overrides)
         variables = base.variables
         if base.cfg.num_classes != num_classes:
             variables = _reset_classifier(module, base, num_classes)
@@ -201,6 +208,11 @@ class Trainer:
                 input_size=(cfg.data.image_size, cfg.data.image_size)))
         if self.model.cfg.num_classes != num_classes:
             raise ConfigError(f"model has {self.model.cfg.num_classes} classes, expected {num_classes}")
+        # compression: prune (an ordinary smaller model), then fold BatchNorm and wrap for QAT; load_run re-applies
+        # the wrapping from the recorded config and rebuilds a pruned architecture from the metadata
+        self.model = compress_cfg.prune(self.model, cfg.compress)
+        arch = compress_cfg.architecture(self.model)
+        self.model = compress_cfg.quantization_aware(self.model, cfg.compress)
         self.task = task or build_task(cfg, num_classes, self.model)
         self.task.validate(self.train_src, self.model.cfg, gray_to_rgb=cfg.data.gray_to_rgb, what="training")
         if self.eval_src is not None:
@@ -238,8 +250,12 @@ class Trainer:
         # one compiled function builds the whole state on the mesh (eager per-leaf ops would each compile)
         init_state = functools.partial(create_state, tx=self.tx, trainable=self.trainable,
                                        ema=cfg.optim.ema_decay > 0)
-        args = (self.model.variables, task_params, compression or {})
+        sparse_hooks, ema_hooks, sparse_state = compress_cfg.sparsity(cfg.compress, params)
+        hooks = (*hooks, *sparse_hooks)
+        args = (self.model.variables, task_params, {**(compression or {}), **sparse_state})
         self.meta_model = model_meta(self.model, cfg)
+        if arch:
+            self.meta_model["architecture"] = arch
         self.start_step = 0
         if resume_step is not None:
             meta = self.ckpt.read_meta(resume_step)
@@ -258,7 +274,8 @@ class Trainer:
         self.resumed = resume_step is not None
 
         step_fn = make_train_step(self.model.module, self.task, self.tx, self.schedule, self.trainable,
-                                  accum_steps=cfg.optim.accum_steps, ema_decay=cfg.optim.ema_decay, hooks=hooks)
+                                  accum_steps=cfg.optim.accum_steps, ema_decay=cfg.optim.ema_decay, hooks=hooks,
+                                  ema_hooks=ema_hooks)
         self._train_step = jit_train_step(step_fn, self.shardings)
         self._eval_step = jit_eval_step(make_eval_step(self.model.module, self.task), self.shardings)
         self.consts = parallel.replicate(self.task.consts(), replicated)
@@ -385,7 +402,8 @@ class Trainer:
 
     def trained_model(self, state: TrainState | None = None) -> zoo.Model:
         state = state or self.state
-        return zoo.Model(self.model.module, state.variables(ema=self.cfg.optim.ema_decay > 0), self.model.cfg)
+        model = zoo.Model(self.model.module, state.variables(ema=self.cfg.optim.ema_decay > 0), self.model.cfg)
+        return _finalize_compression(model, self.cfg)
 
 
 class _StopSignal:
@@ -429,6 +447,14 @@ def fit(cfg: TrainConfig, *, model: zoo.Model | None = None, train_data=None, ev
 
 # ---- finished runs -----------------------------------------------------------------------------------------------
 
+def _finalize_compression(model: zoo.Model, cfg: TrainConfig) -> zoo.Model:
+    if not cfg.compress.qat:
+        return model
+    from compress.qat_train import finalize
+
+    return finalize(model)  # kernels on the int8 grid: same outputs, exact int8 export
+
+
 def _model_cfg(d: dict) -> ModelCfg:
     d = dict(d)
     d["feature_info"] = tuple(FeatureInfo(**f) for f in d.get("feature_info", ()))
@@ -462,14 +488,23 @@ def load_run(workdir: str | Path, *, which: str = "best", ema: bool = True, mode
             overrides = {k: mm[k] for k in ("drop_rate", "drop_path_rate") if mm.get(k) is not None}
             if mm.get("dtype") not in (None, "float32"):
                 overrides["dtype"] = _dtype(mm["dtype"])
-            module = zoo.create_model(mm["name"], num_classes=mm["num_classes"], in_chans=mm["in_chans"],
-                                      **overrides)
+            if mm.get("architecture"):  # pruned: the registered base with the recorded channel widths
+                module = compress_cfg.rebuild(mm["architecture"], num_classes=mm["num_classes"],
+                                              in_chans=mm["in_chans"], **overrides)
+            else:
+                module = zoo.create_model(mm["name"], num_classes=mm["num_classes"], in_chans=mm["in_chans"],
+                                          **overrides)
         raw = ckpt.restore_raw(step, which)
     finally:
         ckpt.close()
+    run_cfg = from_dict(meta["config"]) if "config" in meta else TrainConfig()
+    if run_cfg.compress.qat:
+        from compress.qat_train import rebuild_module
+
+        module = rebuild_module(module, run_cfg.compress, cfg)
     params = raw["ema_params"] if (ema and raw.get("ema_params")) else raw["params"]
     variables = jax.tree.map(jnp.asarray, {"params": params, **raw["model_state"]})
-    return zoo.Model(module, variables, cfg)
+    return _finalize_compression(zoo.Model(module, variables, cfg), run_cfg)
 
 
 def evaluate(model: zoo.Model, data, *, split: str = "test", batch_size: int = 64, image_size: int | None = None,

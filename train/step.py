@@ -21,10 +21,14 @@ from train.tasks import Forward, Task
 # A compression hook: (params, compression_state) -> (params, compression_state), applied after every update
 # (e.g. re-applying sparsity masks). Pure; traced into the step.
 Hook = Callable[[dict, dict], tuple[dict, dict]]
+# A projection of the EMA weights onto the same constraint, `(ema_params, compression_state) -> ema_params` (sparsity
+# masks): the average of masked weights is not masked itself, because it remembers the weights before the mask.
+EmaHook = Callable[[dict, dict], dict]
 
 
 def make_train_step(module, task: Task, tx: optax.GradientTransformation, schedule, trainable: Sequence[str], *,
-                    accum_steps: int = 1, ema_decay: float = 0.0, hooks: Sequence[Hook] = ()):
+                    accum_steps: int = 1, ema_decay: float = 0.0, hooks: Sequence[Hook] = (),
+                    ema_hooks: Sequence[EmaHook] = ()):
     """The step as a pure function `step(state, batch, rng, consts) -> (state, metrics)`."""
     trainable = tuple(trainable)
 
@@ -67,6 +71,8 @@ def make_train_step(module, task: Task, tx: optax.GradientTransformation, schedu
             # warm the average up: early on the weights move fast and the raw decay would keep the init for long
             decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
             ema = jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), ema, params)
+            for project in ema_hooks:
+                ema = project(ema, compression)
         metrics = {
             **metrics,
             "lr": schedule(state.step),
