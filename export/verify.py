@@ -24,6 +24,10 @@ import numpy as np
 from export.errors import ExportParityError
 
 DECISIVE_MARGIN = 1.0  # JAX top-1 minus top-2 logit from which an input counts as decisively classified
+# An fp32 export whose difference from JAX exceeds the tolerance still passes when, against a float64 run of the same
+# JAX model, it is no further off than JAX's own fp32 result times this factor: a model with tiny BatchNorm variances
+# (dead channels after fine-tuning) amplifies float rounding beyond any fixed bound, JAX's own included.
+FLOAT64_FACTOR = 1.5
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,14 @@ class VerifyReport:
     min_agreement: float | None  # agreement threshold applied
     accuracy_jax: float | None = None
     accuracy_tflite: float | None = None
+    jax_fp32_error: float | None = None  # max |JAX fp32 - JAX float64| (computed only when the tolerance is exceeded)
+    tflite_fp64_error: float | None = None  # max |TFLite - JAX float64|
+
+    @property
+    def within_fp32_rounding(self) -> bool:
+        """The export is as close to the float64 result as JAX's own fp32 run is (see FLOAT64_FACTOR)."""
+        return (self.jax_fp32_error is not None and self.tflite_fp64_error is not None
+                and self.tflite_fp64_error <= max(self.tolerance or 0.0, FLOAT64_FACTOR * self.jax_fp32_error))
 
     @property
     def tolerance(self) -> float | None:
@@ -51,7 +63,7 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        ok = self.tolerance is None or self.max_abs_diff <= self.tolerance
+        ok = self.tolerance is None or self.max_abs_diff <= self.tolerance or self.within_fp32_rounding
         return ok and (self.min_agreement is None or self.top1_agreement >= self.min_agreement)
 
     def summary(self) -> str:
@@ -61,6 +73,9 @@ class VerifyReport:
              f"top-1 agreement {self.top1_agreement:.1%}"
              + (f" (required {self.min_agreement:.0%})" if self.min_agreement is not None else "")
              + f", SQNR {self.sqnr_db:.1f} dB")
+        if self.within_fp32_rounding and self.max_abs_diff > (self.tolerance or 0.0):
+            s += (f" (above the fixed tolerance, but against float64 JAX the file is off by {self.tflite_fp64_error:.3g}"
+                  f" and JAX fp32 itself by {self.jax_fp32_error:.3g})")
         if self.top1_agreement < 1.0:
             s += f", flips at JAX margins <= {self.max_flip_margin:.3g}"
         if self.decisive_agreement is not None and self.num_decisive < self.num_inputs:
@@ -108,12 +123,16 @@ def compare(reference: np.ndarray, output: np.ndarray, quantization: str, *, dat
 
 def check(report: VerifyReport) -> VerifyReport:
     """Raise ExportParityError, naming the numbers, unless the report passes its tolerance and threshold."""
-    if report.atol is not None and not report.max_abs_diff <= report.tolerance:
+    if report.atol is not None and not report.max_abs_diff <= report.tolerance and not report.within_fp32_rounding:
+        f64 = ""
+        if report.jax_fp32_error is not None:
+            f64 = (f"; against float64 JAX: TFLite {report.tflite_fp64_error:.3g}, JAX fp32 itself "
+                   f"{report.jax_fp32_error:.3g}")
         raise ExportParityError(
             f"{report.quantization} TFLite model differs from JAX by up to {report.max_abs_diff:.3g} on the logits "
             f"(tolerance {report.tolerance:.3g} = {report.atol:g} + {report.rtol:g} x max|logit|; mean "
             f"{report.mean_abs_diff:.3g}, logits up to {report.reference_max_abs:.3g}"
-            f", {report.num_inputs} {report.data} inputs, top-1 agreement {report.top1_agreement:.1%})", report)
+            f", {report.num_inputs} {report.data} inputs, top-1 agreement {report.top1_agreement:.1%}{f64})", report)
     if report.min_agreement is not None and not report.top1_agreement >= report.min_agreement:
         raise ExportParityError(
             f"{report.quantization} TFLite model agrees with JAX on top-1 for {report.top1_agreement:.1%} of "

@@ -215,3 +215,20 @@ def test_cli_export_bench_and_predict(photos, tmp_path, capsys):
     assert main(["predict", "--tflite", str(out), "--top-k", "2", str(folder / "chelsea.png")]) == 0
     shown = capsys.readouterr().out.splitlines()
     assert shown[0].endswith(f"({SMALL}, m.tflite)") and shown[1].lstrip().startswith("1. ")
+
+
+def test_fp32_tolerance_falls_back_to_the_models_own_float_rounding():
+    """A logit difference above atol passes only when JAX's own fp32 result is as far from float64 (verify.py)."""
+    import dataclasses
+
+    from export import verify
+
+    ref = np.array([[4.0, 1.0, -2.0]] * 4)
+    out = ref + 3e-4
+    report = verify.compare(ref, out, "fp32", atol=1e-4, rtol=0.0)
+    assert not report.passed
+    sensitive = dataclasses.replace(report, jax_fp32_error=2.5e-4, tflite_fp64_error=3.5e-4)
+    assert sensitive.passed and verify.check(sensitive) is sensitive and "float64" in sensitive.summary()
+    worse = dataclasses.replace(report, jax_fp32_error=1e-5, tflite_fp64_error=3e-4)
+    with pytest.raises(ExportParityError, match="JAX fp32 itself"):
+        verify.check(worse)
