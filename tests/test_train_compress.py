@@ -1,5 +1,5 @@
-"""The `compress` section of a run config: pruning and 2:4 sparsity inside `fit`, pruned runs reload by themselves, and a
-pruned run continues with QAT through `model.init_from` (the prune -> QAT recipe)."""
+"""The `compress` section of a run config: pruning, 2:4 sparsity and distillation inside `fit`, pruned runs reload by
+themselves, a pruned run continues with QAT through `model.init_from`, and the result exports to int8 (the recipe)."""
 
 from __future__ import annotations
 
@@ -37,16 +37,27 @@ def _nm_kernels(params) -> dict:
             and v.size >= 1024}
 
 
-def test_prune_and_sparsify_in_fit_then_reload_and_qat(tmp_path, base_model):
+def test_recipe_prune_distill_sparsify_then_qat_then_int8_export(tmp_path, base_model):
+    """The dense run teaches its own pruned, 2:4-sparse copy; QAT continues from that run; the result exports to an
+    all-int8 TFLite file that keeps the 2:4 pattern."""
+    import export
+    from compress.sparsity_tflite import check_tflite_n_m
+
     images, labels = random_digits(128)
-    run = tmp_path / "pruned"
-    cfg = tiny_config(run, 4, compress__prune_ratio=0.5, compress__sparsity="2:4")
+    dense = tmp_path / "dense"
+    cfg = tiny_config(dense, 4)
     cfg.data.image_size = SIZE
-    result = train.fit(cfg, model=base_model, train_data=(images, labels))
+    teacher = train.fit(cfg, model=base_model, train_data=(images, labels))
+
+    run = tmp_path / "pruned"
+    cfg = tiny_config(run, 4, compress__prune_ratio=0.5, compress__sparsity="2:4", distill__teacher=str(dense))
+    cfg.data.image_size, cfg.model.name, cfg.model.init_from = SIZE, NAME, str(dense)
+    result = train.fit(cfg, train_data=(images, labels))
+    assert np.isfinite(result.history[-1]["kd_loss"])  # the teacher took part
 
     shape = (1, SIZE, SIZE, 3)
     assert count_macs(result.model.module, result.model.variables, shape) < \
-        0.8 * count_macs(base_model.module, base_model.variables, shape)
+        0.8 * count_macs(teacher.model.module, teacher.model.variables, shape)
     # the returned weights are the EMA (tiny_config keeps one): masked like the trained ones
     for params in (result.state.params, result.model.variables["params"]):
         kernels = _nm_kernels(params)
@@ -54,16 +65,20 @@ def test_prune_and_sparsify_in_fit_then_reload_and_qat(tmp_path, base_model):
 
     # the run records its pruned architecture: load_run rebuilds it without being given the model
     again = train.load_run(run)
-    x = np.random.default_rng(0).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(8, SIZE, SIZE, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(again(x)), np.asarray(result.model(x)), atol=1e-5)
 
-    # continue the pruned run with quantization-aware training
-    qcfg = tiny_config(tmp_path / "qat", 2, compress__qat=True)
+    # continue the pruned, sparse run with quantization-aware training (sparsity kept on)
+    qcfg = tiny_config(tmp_path / "qat", 2, compress__qat=True, compress__sparsity="2:4")
     qcfg.data.image_size, qcfg.model.name, qcfg.model.init_from = SIZE, NAME, str(run)
     qat = train.fit(qcfg, train_data=(images, labels))
-    assert flatten(qat.model.variables["params"]).keys() >= {k for k in _nm_kernels(again.variables["params"])}
     reloaded = train.load_run(tmp_path / "qat")
     np.testing.assert_allclose(np.asarray(reloaded(x)), np.asarray(qat.model(x)), atol=1e-5)
+
+    res = export.to_tflite(qat.model, quantization="int8", representative_data=x, progress=False)
+    assert res.ops.quantized_activations and res.ops.float_islands == () and not res.ops.flex_ops
+    sparse = [r for r in check_tflite_n_m(res.content, "2:4") if r.sparsity >= 0.5]
+    assert sparse and all(r.ok for r in sparse)
 
 
 def test_bad_compress_settings_fail_before_training(tmp_path, base_model):
