@@ -63,13 +63,14 @@ class Histogram:
         return (e[:-1] + e[1:]) / 2
 
     def add(self, values) -> None:
-        v = np.asarray(values, np.float32).reshape(-1)
+        v = np.asarray(values, np.float64).reshape(-1)
+        v = v[np.isfinite(v)]  # an inf/nan (e.g. exp overflow on an outlier) has no place on a quantization grid
         if v.size == 0:
             return
         self.min, self.max = min(self.min, float(v.min())), max(self.max, float(v.max()))
-        idx = ((v - self.lo) * (self.bins / (self.hi - self.lo))).astype(np.int64)
-        np.clip(idx, 0, self.bins - 1, out=idx)
-        self.counts += np.bincount(idx, minlength=self.bins)
+        # clip in float first: far outside a narrow first-guess range the bin index would overflow int64
+        pos = np.clip((v - self.lo) * (self.bins / (self.hi - self.lo)), 0, self.bins - 1)
+        self.counts += np.bincount(pos.astype(np.int64), minlength=self.bins)
 
 
 def _observed(hist: Histogram) -> tuple[float, float]:
