@@ -25,7 +25,7 @@ import numpy as np
 
 import zoo
 from compress.prune_arch import base_name, block_widths, check_supported, module_fields, rebuild
-from zoo.config import FeatureInfo, ModelCfg
+from zoo.config import ModelCfg
 from zoo.convert import flatten_variables
 from zoo.weights.download import sha256_file
 from zoo.weights.merge import merge_variables
@@ -84,21 +84,13 @@ def load_pruned(path: str | os.PathLike) -> zoo.Model:
     if sha256_file(weights) != arch["weights"]["sha256"]:
         raise ValueError(f"{weights} does not hold the weights {arch_path} was saved with (sha256 differs); "
                          "save the model again")
-    cfg = _model_cfg(arch["cfg"])
+    cfg = ModelCfg.from_dict(arch["cfg"])
     module = rebuild(arch["base"], arch["widths"], arch["module"])
     from safetensors.numpy import load_file
 
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, module.in_chans))))
     variables = merge_variables(abstract, load_file(str(weights)))  # strict: lists missing/extra/mis-shaped arrays
     return zoo.Model(module, jax.tree_util.tree_map(jnp.asarray, variables), cfg)
-
-
-def _model_cfg(d: dict) -> ModelCfg:
-    d = dict(d)
-    d["feature_info"] = tuple(FeatureInfo(**f) for f in d.get("feature_info", ()))
-    for k in ("input_size", "mean", "std"):
-        d[k] = tuple(d[k])
-    return ModelCfg(**d)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -34,7 +34,7 @@ from train.state import TASK_PREFIX, TrainState, create_state, flatten, unflatte
 from train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 from train.summary import MetricsLog, Progress, TensorBoardWriter, plot_curves, read_metrics
 from train.tasks import Classification, Task
-from zoo.config import FeatureInfo, ModelCfg
+from zoo.config import ModelCfg
 from zoo.layers.conv import depthwise_impl
 
 log = logging.getLogger("train")
@@ -455,14 +455,6 @@ def _finalize_compression(model: zoo.Model, cfg: TrainConfig) -> zoo.Model:
     return finalize(model)  # kernels on the int8 grid: same outputs, exact int8 export
 
 
-def _model_cfg(d: dict) -> ModelCfg:
-    d = dict(d)
-    d["feature_info"] = tuple(FeatureInfo(**f) for f in d.get("feature_info", ()))
-    for k in ("input_size", "mean", "std"):
-        d[k] = tuple(d[k])
-    return ModelCfg(**d)
-
-
 def load_run(workdir: str | Path, *, which: str = "best", ema: bool = True, model: zoo.Model | None = None
              ) -> zoo.Model:
     """The model a run trained, from its `best` checkpoint (else its latest), as a `zoo.Model`.
@@ -484,7 +476,7 @@ def load_run(workdir: str | Path, *, which: str = "best", ema: bool = True, mode
                              model.variables["params"], which)
             module, cfg = model.module, model.cfg
         else:
-            cfg = _model_cfg(meta["model_cfg"])
+            cfg = ModelCfg.from_dict(meta["model_cfg"])
             overrides = {k: mm[k] for k in ("drop_rate", "drop_path_rate") if mm.get(k) is not None}
             if mm.get("dtype") not in (None, "float32"):
                 overrides["dtype"] = _dtype(mm["dtype"])

@@ -43,6 +43,15 @@ class ModelCfg:
     def replace(self, **changes) -> "ModelCfg":
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelCfg":
+        """The inverse of `dataclasses.asdict` (what run metadata and saved models store as JSON)."""
+        d = dict(d)
+        d["feature_info"] = tuple(FeatureInfo(**f) for f in d.get("feature_info", ()))
+        for k in ("input_size", "mean", "std"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
 
 SourceKind = Literal["hf_hub", "url", "package", "file"]
 
