@@ -116,7 +116,9 @@ class CompressConfig:
     qat_ema_decay: float = 0.99  # moving average of the activation ranges per step
     qat_exclude: str = ""  # regex over layer paths kept in float (e.g. "/attn/")
     # structured channel pruning (compress.prune) of the built model before training; 0: off
-    prune_ratio: float = 0.0  # fraction of each prunable channel group removed (expansion, SE, last 1x1), in (0, 1)
+    # fraction of each prunable channel group removed (expansion, SE, last 1x1), in (0, 1); applied to the model the
+    # run builds, so a run that continues a pruned run (model.init_from) prunes again unless this is reset to 0
+    prune_ratio: float = 0.0
     prune_criterion: str = "bn_scale"  # or "l1"
     # sparsity (compress.sparsity): masks kept in the train state and re-applied after every update
     sparsity: str = ""  # "" off, "2:4" (any N:M) or "unstructured"
