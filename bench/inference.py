@@ -215,27 +215,6 @@ def select_models(zoo, get_entry, args) -> list[str]:
     return names
 
 
-def random_variables(abstract, np, seed: int = 0):
-    """Real arrays for an abstract variable tree: He fan-in kernels, unit BN/LN scales, zero shifts, unit variances."""
-    import jax
-
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        key = str(getattr(path[-1], "key", path[-1]))
-        shape, dtype = leaf.shape, leaf.dtype
-        if key == "kernel" and len(shape) >= 2:
-            fan_in = int(np.prod(shape[:-1]))
-            return (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(dtype)
-        if key in ("scale", "var"):
-            return np.ones(shape, dtype)
-        if key in ("bias", "mean"):
-            return np.zeros(shape, dtype)
-        return (rng.standard_normal(shape) * 0.02).astype(dtype)  # embeddings, layer scales, anything else
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
-
-
 def make_twin(twin: str, torch):
     lib, _, arch = twin.partition(":")
     if lib == "timm":
@@ -257,7 +236,9 @@ def bench_model(name, cfg, batches, impls, threads, args, jax, np, zoo, depthwis
     module = zoo.create_model(name)
     h, w = cfg.input_size
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, h, w, cfg.in_chans))))
-    variables = jax.device_put(random_variables(abstract, np))
+    from export.weights import fill_variables
+
+    variables = jax.device_put(fill_variables(abstract))
     twin = make_twin(cfg.twin, torch) if torch else None
     rows = []
     for batch in batches:

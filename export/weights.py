@@ -22,6 +22,11 @@ def abstract_variables(module, input_shape: tuple[int, ...]):
 
 def random_variables(module, input_shape: tuple[int, ...], seed: int = 0) -> dict:
     """Concrete numpy variables for `module` (see the module docstring for the scales)."""
+    return fill_variables(abstract_variables(module, input_shape), seed)
+
+
+def fill_variables(abstract, seed: int = 0) -> dict:
+    """Numpy arrays for an abstract variable tree: He fan-in kernels, unit BN/LN scales and variances, zero shifts."""
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -36,7 +41,7 @@ def random_variables(module, input_shape: tuple[int, ...], seed: int = 0) -> dic
             return np.zeros(shape, dtype)
         return (rng.standard_normal(shape) * 0.02).astype(dtype)
 
-    return jax.tree_util.tree_map_with_path(fill, abstract_variables(module, input_shape))
+    return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def calibrate_batch_stats(module, variables, x) -> dict:
