@@ -18,13 +18,16 @@ def add_commands(sub) -> None:
     p.add_argument("--quantization", "-q", default="fp32", choices=("fp32", "fp16", "dynamic", "int8"),
                    help="fp32 (default), fp16 weights, dynamic-range int8 weights, or full int8 (needs --calibration)")
     p.add_argument("--calibration", metavar="DATA",
-                   help="int8 calibration inputs: a folder of images (preprocessed as the model expects) or a .npy of "
-                        "normalized float NHWC arrays")
+                   help="calibration inputs: a folder of images (preprocessed as the model expects) or a .npy of "
+                        "normalized float NHWC arrays; needed by int8, optional for dynamic (bias correction)")
     p.add_argument("--num-calibration", type=int, default=200, metavar="N",
                    help="use at most N calibration inputs (default 200)")
     p.add_argument("--calibration-method", default="minmax", choices=("minmax", "percentile", "mse"),
                    help="int8 activation ranges from the calibration data: the converter's min/max (default), a "
                         "percentile of each tensor, or the range with the least quantization error")
+    p.add_argument("--no-bias-correction", action="store_true",
+                   help="keep the float kernels and biases as they are (default: with calibration data, kernels are "
+                        "put on the int8 grid and biases corrected for the rounding's mean error)")
     p.add_argument("--verify", metavar="DATA", help="verify on these inputs (folder or .npy; default: 8 calibration "
                    "inputs for int8, else 8 random inputs)")
     p.add_argument("--min-agreement", type=float, metavar="FRAC",
@@ -82,8 +85,8 @@ def _cmd_export(args) -> int:
 
     if args.quantization == "int8" and not args.calibration:
         raise ValueError("--quantization int8 needs --calibration DATA (a folder of images or a .npy)")
-    if args.calibration and args.quantization != "int8":
-        raise ValueError("--calibration is only used with --quantization int8")
+    if args.calibration and args.quantization not in ("int8", "dynamic"):
+        raise ValueError("--calibration is only used with --quantization int8 or dynamic")
     model = _load_model(args)
     hw = tuple(args.input_size) if args.input_size else tuple(model.cfg.input_size)
     cfg = model.cfg.replace(input_size=hw)
@@ -96,6 +99,7 @@ def _cmd_export(args) -> int:
         res = to_tflite(model, quantization=args.quantization, representative_data=calib, input_hw=hw,
                         batch=args.batch, int8_io=args.int8_io, allow_flex=args.allow_flex, out=out,
                         verify_data=vdata, min_agreement=args.min_agreement, progress=not args.quiet,
+                        bias_correction=not args.no_bias_correction,
                         **({"calibration": args.calibration_method} if args.quantization == "int8" else {}))
     except ExportError as e:
         print(f"zoo export: error: {e}\nzoo export: nothing was written to {out}", file=sys.stderr)

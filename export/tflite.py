@@ -251,6 +251,16 @@ def _quantize_two_step(tf, conv, keep_float: str | None, int8_io: bool, ranges: 
     return model
 
 
+def _bias_corrected(module, variables, calib: np.ndarray, q: str, keep_float: str | None):
+    """The model the file is made from when bias correction is on: kernels the converter quantizes put on its int8
+    grid, biases corrected (`compress.bias_correction`); layers kept in float, and in dynamic-range mode the small
+    kernels the converter leaves float, are left alone."""
+    from compress.bias_correction import DYNAMIC_MIN_ELEMENTS, correct_bias
+
+    return correct_bias(module, variables, calib, exclude=keep_float or "",
+                        min_elements=DYNAMIC_MIN_ELEMENTS if q == "dynamic" else 0)
+
+
 def _calibration_name(calibration) -> str:
     return calibration.lower() if isinstance(calibration, str) else getattr(calibration, "__name__", "custom")
 
@@ -373,6 +383,7 @@ def to_tflite(
     int8_keep_float: str | None = DEFAULT_INT8_KEEP_FLOAT,
     calibration: str | RangeHook = "minmax",
     dynamic_float_depthwise: bool = True,
+    bias_correction: bool = True,
     cfg=None,
     labels=None,
     name: str | None = None,
@@ -385,7 +396,8 @@ def to_tflite(
     quantization: None (fp32), "fp16" (fp16 weights, float compute), "dynamic" (int8 weights, float activations,
         int8 compute where kernels exist) or "int8" (full integer; needs `representative_data`).
     representative_data: calibration inputs for "int8": a float NHWC array (normalized like the model's input, e.g.
-        `model.preprocess(images)`) or an iterable of such batches; a few hundred real images is typical.
+        `model.preprocess(images)`) or an iterable of such batches; a few hundred real images is typical. Optional
+        for "dynamic", where it is used for `bias_correction` only.
     input_hw: exported input size (default: the model's `cfg.input_size`). `batch`: fixed batch size of the graph.
     int8_io: with "int8", int8 input and output tensors (their scale and zero point go to the sidecar) instead of
         float ones with QUANTIZE/DEQUANTIZE inside the graph.
@@ -408,6 +420,9 @@ def to_tflite(
         quantization error), see `compress.ptq_ranges`; or a callable rewriting the calibrated flatbuffer.
     dynamic_float_depthwise: for "dynamic", keep depthwise weights float so XNNPACK runs those ops (it has no
         hybrid depthwise kernel; see `export.rewrites.float_depthwise_weights`).
+    bias_correction: with `representative_data` ("int8", or "dynamic" when given), export the model with its kernels
+        on the int8 grid and each layer's bias corrected for the mean error that rounding causes
+        (`compress.bias_correction`); the file is still verified against the model as given.
     """
     q = check_quantization(quantization)
     if int8_io and q != "int8":
@@ -415,9 +430,9 @@ def to_tflite(
     if q == "int8" and representative_data is None:
         raise ValueError("quantization='int8' needs representative_data: float NHWC inputs normalized like the model's "
                          "(e.g. model.preprocess(images)) to calibrate activation ranges")
-    if q != "int8" and representative_data is not None:
-        raise ValueError(f"representative_data is only used by quantization='int8' (got {q!r}); pass verify_data to "
-                         "verify on your inputs")
+    if q not in ("int8", "dynamic") and representative_data is not None:
+        raise ValueError(f"representative_data is only used by quantization='int8' or 'dynamic' (got {q!r}); pass "
+                         "verify_data to verify on your inputs")
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     ranges = resolve_calibration(calibration, q)
@@ -437,11 +452,11 @@ def to_tflite(
     shape = (batch, *hw, cfg.in_chans)
 
     calib = None
-    if q == "int8":
+    if representative_data is not None:
         calib = calib_io.as_float_batch(representative_data, shape, "representative_data")
     if verify_data is not None:
         vdata, source = calib_io.as_float_batch(verify_data, shape, "verify_data"), "caller"
-    elif calib is not None:
+    elif q == "int8":
         vdata, source = calib[:DEFAULT_NUM_VERIFY], "calibration"
     else:
         vdata = np.random.default_rng(0).standard_normal((DEFAULT_NUM_VERIFY, *shape[1:])).astype(np.float32)
@@ -455,12 +470,17 @@ def to_tflite(
     from export.trace import import_tf, stablehlo_versions, trace_concrete_function
 
     tf = import_tf()
-    acts = INT8_ACTIVATIONS if (q == "int8" and int8_friendly_activations) else None
-    holder, concrete = trace_concrete_function(lambda v, x: module.apply(v, x, train=False), variables, shape,
-                                               activations=acts, params=params)
-    prog.stage("convert", f"converting to TFLite ({q}" + (f", calibrating on {len(calib)} inputs" if calib is not None
-                                                          else "") + ")")
     keep = int8_keep_float if (q == "int8" and wants_float(variables, int8_keep_float)) else None
+    corrected = bias_correction and calib is not None
+    export_module, export_variables = module, variables
+    if corrected:
+        prog.stage("bias", f"correcting biases for int8 weights on {len(calib)} inputs")
+        export_module, export_variables = _bias_corrected(module, variables, calib, q, keep)
+    acts = INT8_ACTIVATIONS if (q == "int8" and int8_friendly_activations) else None
+    holder, concrete = trace_concrete_function(lambda v, x: export_module.apply(v, x, train=False), export_variables,
+                                               shape, activations=acts, params=params)
+    prog.stage("convert", f"converting to TFLite ({q}" + (f", calibrating on {len(calib)} inputs" if q == "int8"
+                                                          else "") + ")")
     content = _convert(tf, holder, concrete, q, calib, batch, int8_io, allow_flex, progress, keep, ranges)
     if q == "dynamic" and dynamic_float_depthwise:
         from export.rewrites import float_depthwise_weights
@@ -489,7 +509,8 @@ def to_tflite(
     meta = metadata.build(name=name, cfg=cfg, labels=labels, quantization=q, int8_io=int8_io, batch=batch,
                           input_hw=hw, ops=report, verification=result, content=content,
                           versions=_versions(stablehlo_versions()["target"]),
-                          calibration=_calibration_name(calibration) if q == "int8" else None)
+                          calibration=_calibration_name(calibration) if q == "int8" else None,
+                          bias_correction=corrected)
     if out_path is not None:
         prog.stage("write", f"writing {out_path}")
         import json

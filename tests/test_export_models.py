@@ -14,14 +14,18 @@ Quantized, per family, on crops of real photos (skimage's chelsea, coffee, astro
   decisions mean something: BatchNorm statistics set from photo crops (data-dependent init: every BN output is
   ~N(0, 1) on real images, as in a trained network, instead of exploding or vanishing) and a nearest-class-mean head
   over the pooled features that tells the four photos apart.
-fp16 must agree with JAX on top-1 for >= 95% of the crops. Dynamic and int8 must agree on >= 95% of the crops the JAX
-model classifies decisively (top-1 logit >= 1 above the runner-up, `export.verify.DECISIVE_MARGIN`); all-crop
-agreement is bounded lower, at what these ambiguous crops allow (measured: post-training int8 MobileNetV2 agrees on
-83-88% of all crops, and every flip is at a near-tie, margin < 0.75). Random-weight
-families have few decisive crops (their margins are set by the head's scale), so they are judged by output SQNR and
-agreement floors: dynamic >= 20 dB and 90% (measured 28-30 dB, 94-98%), int8 >= 8 dB and 60% (measured 11-15 dB,
-69-73%; real-weight MobileNetV2: 11.7 dB), because random features separate the photos by less than post-training
-int8 noise: on the same crops the JAX models themselves tell the photos apart only 72-84% of the time.
+Dynamic-range and int8 exports get the calibration crops (32 other crops, 40-100% of the short side) as
+representative data, which also turns on bias correction (`compress.bias_correction`); int8 ranges are set by the
+"percentile" method. fp16 and dynamic must agree with JAX on top-1 for >= 95% of all crops (measured with bias
+correction: dynamic 95.3-98.4% over the five families; without it MobileNetV2 reached 92.2%). Full int8 with real
+weights: EfficientNet-Lite0 must agree on >= 95% of all crops (measured 96.9%). MobileNetV2 int8 does not reach that
+bar: 87.5% here (93.8% at best, with MSE ranges and 256 calibration crops), every flip at a near-tie (JAX margin
+< 0.75) while the 32 crops JAX decides by a margin >= 1 (`export.verify.DECISIVE_MARGIN`) all agree. Its remaining
+error is per-tensor activation rounding (simulated: 16.8 dB of logit SQNR from activations alone, 25.6 dB if they
+were per-channel), so the test holds it to the decisive crops and an 85% floor. Random-weight families have few
+decisive crops (their margins are set by the head's scale), so they are judged by output SQNR and agreement floors
+for int8: >= 8 dB and 60% (measured 10-15 dB, 66-83%), because random features separate the photos by less than
+post-training int8 noise: on the same crops the JAX models themselves tell the photos apart only 72-84% of the time.
 """
 
 from __future__ import annotations
@@ -168,23 +172,25 @@ def test_every_family_is_covered():
 def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_cache):
     name, weights, _ = FAMILIES[family]
     module, variables, cfg, x, labels, calib = _setup(family, photos)
-    kwargs = {"representative_data": calib} if quantization == "int8" else {}
+    kwargs = {"representative_data": calib} if quantization != "fp16" else {}  # with bias correction (module doc)
+    if quantization == "int8":
+        kwargs["calibration"] = "percentile"
     res = to_tflite(module, variables, cfg=cfg, quantization=quantization, verify_data=x,
                     verify_labels=labels if weights == "random" else None, progress=False, **kwargs)
     v = res.verification
     print(f"\n{family} ({name}, {weights}) {quantization}: {v.summary()}\n  {res.delegate.summary()}")
     assert not res.ops.unsupported and v.num_inputs == 64
+    assert res.metadata["bias_correction"] == (quantization != "fp16")
     # one XNNPACK partition in every mode: int8 hard-swish rewritten, dynamic-range depthwise weights kept float
     assert res.delegate.partitions == 1 and not res.delegate.not_delegated
-    if quantization == "fp16":
+    if quantization != "int8" or family == "efficientnet_lite":
         assert v.top1_agreement >= 0.95
-    elif weights == "pretrained":
+    elif weights == "pretrained":  # MobileNetV2 int8 misses the 95% bar on all crops (module doc)
         assert v.num_decisive >= 16 and v.decisive_agreement >= 0.95
-        assert v.top1_agreement >= 0.75
+        assert v.top1_agreement >= 0.85
     else:  # random weights: margins are set by the head's scale, so judge by SQNR and agreement floors (module doc)
         assert v.decisive_agreement in (None, 1.0) or v.decisive_agreement >= 0.95
-        floor, sqnr = (0.9, 20) if quantization == "dynamic" else (0.6, 8)
-        assert v.top1_agreement >= floor and v.sqnr_db >= sqnr
+        assert v.top1_agreement >= 0.6 and v.sqnr_db >= 8
     if quantization == "int8":
         assert res.ops.quantized_activations
         assert "HARD_SWISH" not in res.ops.ops  # rewritten for XNNPACK (export.rewrites)

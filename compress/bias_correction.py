@@ -1,0 +1,179 @@
+"""Empirical bias correction: a post-training pass that puts the kernels on the int8 grid the converter will use and
+moves each layer's bias so that its mean output over calibration data is the float model's again.
+
+    import zoo
+    from compress.bias_correction import correct_bias
+
+    model = zoo.load("mobilenet_v2")
+    module, variables = correct_bias(model.module, model.variables, model.preprocess(images))
+    export.to_tflite(module, variables, cfg=model.cfg, quantization="int8", representative_data=...)
+
+`export.to_tflite` runs this pass itself for "int8" (and for "dynamic" when given representative data); the
+verification still compares the file against the caller's float model.
+
+Why it matters: per-channel int8 weights are close to their float values, yet a folded BatchNorm can amplify their
+rounding error into a large shift of the layer's output mean. Where a channel's pre-BN output has a mean much larger
+than its spread, BN subtracts a large mean and scales up by 1 / std, so the tiny error `(W_q - W) . E[x]` becomes a
+visible offset on every output of that channel. On the real MobileNetV2 ImageNet weights, int8 weights alone cost
+the logits 19 dB of SQNR (84% top-1 agreement on photo crops); after this pass, 30 dB (97%). The correction is the
+mean of that error, measured on data (Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias
+Correction", ICCV 2019, empirical variant), and it is exact for the mean: the layer's kernel is the converter's int8
+kernel and only its bias moves.
+
+How: the model is traced twice per batch. The float pass records every layer's mean output per channel. The
+quantized pass runs the layers in order, each on its int8-grid kernel and on the input the already-corrected layers
+before it produce, and subtracts the difference from the recorded float mean, so that later layers see (and
+correct for) what deployment gives them. The per-batch corrections are averaged, weighted by batch size.
+"""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from compress.fold_bn import BatchNormFolded, fold_bn
+from compress.qat import fake_quant_weight
+from zoo.layers.conv import Conv2d
+
+DEFAULT_BATCH = 32
+# The converter's dynamic-range mode leaves kernels with fewer elements than this in float
+# (tensorflow/lite/tools/optimize: kWeightsMinNumElementsDefault).
+DYNAMIC_MIN_ELEMENTS = 1024
+
+__all__ = ["correct_bias", "correctable_layers", "DYNAMIC_MIN_ELEMENTS"]
+
+
+def _is_weight_layer(module) -> bool:
+    return isinstance(module, (Conv2d, nn.Dense))
+
+
+def _layer_path(module) -> str:
+    return "/".join(module.path)  # wrappers share their scope, so this is the layer's parameter path
+
+
+def _channel_mean(y):
+    return jnp.mean(y.astype(jnp.float32), axis=tuple(range(y.ndim - 1)))
+
+
+class _Pass:
+    """Interceptor for one traced pass: 'float' records mean outputs, 'quantized' runs int8-grid kernels and corrects
+    each layer's mean towards the recorded float mean of the same batch."""
+
+    def __init__(self, layers: frozenset[str], float_means: dict | None = None):
+        self.layers, self.float_means = layers, float_means
+        self.out: dict = {}
+        self._inside = False
+
+    def __call__(self, next_fun, args, kwargs, ctx):
+        m = ctx.module
+        if self._inside or ctx.method_name != "__call__" or not _is_weight_layer(m):
+            return next_fun(*args, **kwargs)
+        path = _layer_path(m)
+        if path not in self.layers:
+            return next_fun(*args, **kwargs)
+        (x,) = args if args else tuple(kwargs.values())
+        self._inside = True
+        try:
+            if self.float_means is None:
+                y = next_fun(*args, **kwargs)
+                self.out[path] = _channel_mean(y)
+                return y
+            params = m.variables["params"]
+            quantized = {"kernel": fake_quant_weight(params["kernel"]), "bias": params["bias"]}
+            # a detached copy on explicit parameters; use_bias=True also covers a BatchNorm-folded conv, whose bias
+            # the folding wrapper adds outside the conv's own call
+            y = m.clone(parent=None, use_bias=True).apply({"params": quantized}, x)
+            delta = _channel_mean(y) - self.float_means[path]
+            self.out[path] = delta
+            return y - delta.astype(y.dtype)
+        finally:
+            self._inside = False
+
+
+def correctable_layers(module: nn.Module, variables: dict, input_shape, *, exclude: str = "",
+                       min_elements: int = 0) -> tuple[str, ...]:
+    """Paths of the Conv2d / Dense layers the pass corrects: those with a bias (after BN folding), a kernel of at
+    least `min_elements` elements, and a path (`/`-joined, with slashes around) not matched by `exclude`."""
+    flat = traverse_util.flatten_dict(dict(variables["params"]), sep="/")
+    pat = re.compile(exclude) if exclude else None
+    seen: list[str] = []
+
+    class _Record:
+        def __call__(self, next_fun, args, kwargs, ctx):
+            if ctx.method_name == "__call__" and _is_weight_layer(ctx.module):
+                seen.append(_layer_path(ctx.module))
+            return next_fun(*args, **kwargs)
+
+    def trace(v, x):
+        with nn.intercept_methods(_Record()):
+            return module.apply(v, x, train=False)
+
+    jax.eval_shape(trace, variables, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+    out = []
+    for path in dict.fromkeys(seen):
+        kernel = flat.get(f"{path}/kernel")
+        if kernel is None or f"{path}/bias" not in flat or np.size(kernel) < min_elements:
+            continue
+        if pat is not None and pat.search(f"/{path}/"):
+            continue
+        out.append(path)
+    return tuple(out)
+
+
+def _batches(n: int, batch_size: int) -> list[slice]:
+    """Near-equal batches (at most two distinct sizes, so at most two compilations)."""
+    count = -(-n // batch_size)
+    edges = np.linspace(0, n, count + 1).round().astype(int)
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def correct_bias(module: nn.Module, variables: dict, data, *, batch_size: int = DEFAULT_BATCH, exclude: str = "",
+                 min_elements: int = 0) -> tuple[BatchNormFolded, dict]:
+    """`(module, variables, calibration inputs) -> (BN-folded module, variables)` with every correctable layer's
+    kernel on its per-channel int8 grid (the converter's rule, so it is stored exactly) and its bias corrected.
+
+    data: float NHWC inputs, preprocessed like the model's (a few dozen to a few hundred real images).
+    exclude: regex over layer paths kept as they are (e.g. layers an int8 export keeps in float).
+    min_elements: leave kernels smaller than this alone (`DYNAMIC_MIN_ELEMENTS` for dynamic-range exports).
+    """
+    x = np.asarray(data, np.float32)
+    if x.ndim != 4 or len(x) == 0:
+        raise ValueError(f"bias correction needs a non-empty float NHWC batch of calibration inputs, got shape "
+                         f"{x.shape}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(module, BatchNormFolded):
+        module, variables = fold_bn(module, variables, input_shape=(1, *x.shape[1:]))
+    layers = frozenset(correctable_layers(module, variables, (1, *x.shape[1:]), exclude=exclude,
+                                          min_elements=min_elements))
+    if not layers:
+        return module, variables
+
+    def run(interceptor: _Pass, v, xb):
+        with nn.intercept_methods(interceptor):
+            module.apply(v, xb, train=False)
+        return interceptor.out
+
+    float_pass = jax.jit(lambda v, xb: run(_Pass(layers), v, xb))
+    quant_pass = jax.jit(lambda v, xb, means: run(_Pass(layers, means), v, xb))
+    total: dict[str, np.ndarray] = {}
+    for part in _batches(len(x), batch_size):
+        means = float_pass(variables, x[part])
+        deltas = jax.device_get(quant_pass(variables, x[part], means))
+        weight = (part.stop - part.start) / len(x)
+        for path, d in deltas.items():
+            total[path] = total.get(path, 0.0) + weight * np.asarray(d, np.float64)
+
+    flat = traverse_util.flatten_dict(jax.device_get(dict(variables["params"])), sep="/")
+    for path in layers:
+        kernel = np.asarray(flat[f"{path}/kernel"])
+        bias = np.asarray(flat[f"{path}/bias"])
+        flat[f"{path}/kernel"] = fake_quant_weight(kernel)
+        flat[f"{path}/bias"] = (bias.astype(np.float64) - total[path]).astype(bias.dtype)
+    params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
+    return module, {**variables, "params": params}

@@ -1,0 +1,109 @@
+"""Bias correction (`compress.bias_correction`): int8-grid kernels, biases that restore each layer's float mean, and
+on the real MobileNetV2 weights the logits error that int8 weights cause cut by more than 6 dB."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import zoo
+from compress import qat
+from compress.bias_correction import DYNAMIC_MIN_ELEMENTS, correct_bias, correctable_layers
+from compress.fold_bn import fold_bn
+from export.weights import calibrate_batch_stats, random_variables
+
+NAME, HW = "mobilenetv3_small_050", (64, 64)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A small MobileNetV3 with random weights and BN statistics set from its inputs, plus those inputs."""
+    module = zoo.create_model(NAME)
+    x = np.random.default_rng(0).standard_normal((16, *HW, 3)).astype(np.float32) * 0.5 + 0.3
+    variables = calibrate_batch_stats(module, random_variables(module, (1, *HW, 3)), x)
+    return module, variables, x
+
+
+def _flat(variables):
+    return traverse_util.flatten_dict(jax.device_get(dict(variables["params"])), sep="/")
+
+
+def _logits(module, variables, x):
+    return np.asarray(jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x), np.float64)
+
+
+def _weights_only(module, variables):
+    """The folded model with every kernel rounded onto its int8 grid and nothing else changed."""
+    flat = {k: (qat.fake_quant_weight(np.asarray(v)) if k.endswith("kernel") else v) for k, v in _flat(variables).items()}
+    return {**variables, "params": traverse_util.unflatten_dict(flat, sep="/")}
+
+
+def test_kernels_go_on_the_int8_grid_and_the_mean_logits_return_to_float(small):
+    module, variables, x = small
+    folded, fv = fold_bn(module, variables)
+    cm, cv = correct_bias(module, variables, x, batch_size=len(x))  # one batch: the correction is exact on x
+    layers = correctable_layers(cm, cv, (1, *HW, 3))
+    assert len(layers) > 20 and "head/fc" in layers
+    flat, before = _flat(cv), _flat(fv)
+    for path in layers:
+        assert qat.grid_error(flat[f"{path}/kernel"]) < 1e-3, path
+    assert sum(not np.array_equal(flat[f"{p}/bias"], before[f"{p}/bias"]) for p in layers) == len(layers)
+
+    ref = _logits(folded, fv, x)
+    rounded = _logits(folded, _weights_only(folded, fv), x)
+    corrected = _logits(cm, cv, x)
+    shift_rounded = np.abs(rounded.mean(0) - ref.mean(0)).max()
+    shift_corrected = np.abs(corrected.mean(0) - ref.mean(0)).max()
+    assert shift_rounded > 1e-3 and shift_corrected < 0.02 * shift_rounded
+
+
+def test_excluded_and_small_layers_are_left_alone(small):
+    module, variables, x = small
+    _, fv = fold_bn(module, variables)
+    before = _flat(fv)
+    _, cv = correct_bias(module, variables, x[:4], exclude="/head/", min_elements=DYNAMIC_MIN_ELEMENTS)
+    after = _flat(cv)
+    touched = {k for k in after if not np.array_equal(after[k], before[k])}
+    assert touched and not any(k.startswith("head/") for k in touched)
+    assert all(np.size(before[k.rsplit("/", 1)[0] + "/kernel"]) >= DYNAMIC_MIN_ELEMENTS for k in touched)
+
+
+@pytest.mark.parametrize("data, match", [
+    (np.zeros((0, 64, 64, 3), np.float32), "non-empty float NHWC"),
+    (np.zeros((64, 64, 3), np.float32), "non-empty float NHWC"),
+])
+def test_bad_calibration_data_is_rejected(small, data, match):
+    module, variables, _ = small
+    with pytest.raises(ValueError, match=match):
+        correct_bias(module, variables, data)
+
+
+@pytest.mark.slow
+def test_real_mobilenet_v2_int8_weight_error_drops_by_more_than_6_db(photos, offline_cache):
+    """The real ImageNet weights: corrected on 32 crops of the sample photos, judged on 64 other crops."""
+    from zoo.preprocess import preprocess
+
+    def crops(seed, n):
+        rng, out = np.random.default_rng(seed), []
+        for img in photos.values():
+            for _ in range(n):
+                s = int(rng.uniform(0.4, 1.0) * min(img.shape[:2]))
+                y0, x0 = rng.integers(0, img.shape[0] - s + 1), rng.integers(0, img.shape[1] - s + 1)
+                out.append(img[y0:y0 + s, x0:x0 + s])
+        return preprocess(out, model.cfg)
+
+    model = zoo.load("mobilenet_v2", progress=False)
+    calib, x = crops(1, 8), crops(0, 16)
+    folded, fv = fold_bn(model.module, model.variables)
+    ref = _logits(folded, fv, x)
+    sqnr = lambda y: 10 * np.log10(np.sum(ref ** 2) / np.sum((y - ref) ** 2))  # noqa: E731
+    rounded = _logits(folded, _weights_only(folded, fv), x)
+    corrected = _logits(*correct_bias(model.module, model.variables, calib), x)
+    agree = {k: float(np.mean(y.argmax(-1) == ref.argmax(-1))) for k, y in (("rounded", rounded),
+                                                                             ("corrected", corrected))}
+    print(f"\nmobilenet_v2 int8 weights: {sqnr(rounded):.1f} dB -> {sqnr(corrected):.1f} dB after bias correction, "
+          f"top-1 agreement {agree['rounded']:.3f} -> {agree['corrected']:.3f}")
+    # measured 18.6 -> 29.5 dB, 84.4% -> 93.8%
+    assert sqnr(corrected) >= max(sqnr(rounded) + 6, 25) and agree["corrected"] > agree["rounded"]
