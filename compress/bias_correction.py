@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from compress.fold_bn import BatchNormFolded, fold_bn
+from compress.fold_bn import BatchNormFolded, fold_bn, unfold_variables
 from compress.qat import fake_quant_weight
 from zoo.layers.conv import Conv2d
 
@@ -97,8 +97,9 @@ class _Pass:
 
 def correctable_layers(module: nn.Module, variables: dict, input_shape, *, exclude: str = "",
                        min_elements: int = 0) -> tuple[str, ...]:
-    """Paths of the Conv2d / Dense layers the pass corrects: those with a bias (after BN folding), a kernel of at
-    least `min_elements` elements, and a path (`/`-joined, with slashes around) not matched by `exclude`."""
+    """Paths of the Conv2d / Dense layers the pass corrects: those called once per forward pass (a shared layer has
+    one bias for several uses), with a bias (after BN folding), a kernel of at least `min_elements` elements, and a
+    path (`/`-joined, with slashes around) not matched by `exclude`."""
     flat = traverse_util.flatten_dict(dict(variables["params"]), sep="/")
     pat = re.compile(exclude) if exclude else None
     seen: list[str] = []
@@ -116,6 +117,8 @@ def correctable_layers(module: nn.Module, variables: dict, input_shape, *, exclu
     jax.eval_shape(trace, variables, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
     out = []
     for path in dict.fromkeys(seen):
+        if seen.count(path) > 1:
+            continue
         kernel = flat.get(f"{path}/kernel")
         if kernel is None or f"{path}/bias" not in flat or np.size(kernel) < min_elements:
             continue
@@ -133,9 +136,12 @@ def _batches(n: int, batch_size: int) -> list[slice]:
 
 
 def correct_bias(module: nn.Module, variables: dict, data, *, batch_size: int = DEFAULT_BATCH, exclude: str = "",
-                 min_elements: int = 0) -> tuple[BatchNormFolded, dict]:
-    """`(module, variables, calibration inputs) -> (BN-folded module, variables)` with every correctable layer's
-    kernel on its per-channel int8 grid (the converter's rule, so it is stored exactly) and its bias corrected.
+                 min_elements: int = 0) -> tuple[nn.Module, dict]:
+    """`(module, variables, calibration inputs) -> (module, variables)` with every correctable layer's kernel on its
+    per-channel int8 grid (the converter's rule, so it is stored exactly) and its bias corrected.
+
+    The module is returned unchanged: the correction is computed on the BN-folded model and written back into the
+    module's own structure (`compress.fold_bn.unfold_variables`), so an exported graph keeps its names and ops.
 
     data: float NHWC inputs, preprocessed like the model's (a few dozen to a few hundred real images).
     exclude: regex over layer paths kept as they are (e.g. layers an int8 export keeps in float).
@@ -147,12 +153,14 @@ def correct_bias(module: nn.Module, variables: dict, data, *, batch_size: int = 
                          f"{x.shape}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(module, BatchNormFolded):
+    original, original_variables, folds = module, variables, None
+    if not isinstance(module, BatchNormFolded) and variables.get("batch_stats"):
         module, variables = fold_bn(module, variables, input_shape=(1, *x.shape[1:]))
+        folds = module.folds
     layers = frozenset(correctable_layers(module, variables, (1, *x.shape[1:]), exclude=exclude,
                                           min_elements=min_elements))
     if not layers:
-        return module, variables
+        return original, original_variables
 
     def run(interceptor: _Pass, v, xb):
         with nn.intercept_methods(interceptor):
@@ -176,4 +184,7 @@ def correct_bias(module: nn.Module, variables: dict, data, *, batch_size: int = 
         flat[f"{path}/kernel"] = fake_quant_weight(kernel)
         flat[f"{path}/bias"] = (bias.astype(np.float64) - total[path]).astype(bias.dtype)
     params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
-    return module, {**variables, "params": params}
+    corrected = {**variables, "params": params}
+    if folds is None:
+        return module, corrected
+    return original, unfold_variables(original_variables, corrected, folds)

@@ -167,6 +167,35 @@ def fold_variables(variables: dict, folds) -> dict:
     return {k: v for k, v in tree.items() if k == "params" or v}  # a collection left empty is dropped
 
 
+def unfold_variables(variables: dict, folded: dict, folds) -> dict:
+    """The inverse of `fold_variables` for the module's own structure: `variables` (with BatchNorms) whose folded
+    convolutions compute what `folded` says (e.g. after a pass edited folded kernels and biases).
+
+    Each listed BatchNorm becomes an identity with the folded shift: mean 0, variance 1 - eps, scale 1, bias = the
+    folded bias; the conv gets the folded kernel (and a zero bias of its own). Folding this again - as the converter
+    does - gives back the folded kernel up to a per-channel factor of 1 +- 1 ulp, which keeps an int8 grid.
+    """
+    flat = traverse_util.flatten_dict(dict(variables), sep="/")
+    new = traverse_util.flatten_dict(dict(folded), sep="/")
+    out = dict(flat)
+    for key, value in new.items():
+        if key in out:
+            out[key] = value
+    for conv, bn, eps in folds:
+        kernel, bias = new[f"params/{conv}/kernel"], np.asarray(new[f"params/{conv}/bias"])
+        if f"params/{bn}/bias" not in flat:
+            raise FoldError(f"{bn} has no bias parameter to carry the folded shift of {conv}")
+        out[f"params/{conv}/kernel"] = kernel
+        if f"params/{conv}/bias" in flat:
+            out[f"params/{conv}/bias"] = jnp.zeros_like(bias)
+        if f"params/{bn}/scale" in flat:
+            out[f"params/{bn}/scale"] = jnp.ones_like(bias)
+        out[f"params/{bn}/bias"] = jnp.asarray(bias)
+        out[f"batch_stats/{bn}/mean"] = jnp.zeros_like(bias)
+        out[f"batch_stats/{bn}/var"] = jnp.full_like(bias, 1.0 - eps)
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
 def fold_bn(module: nn.Module, variables: dict, *, input_shape=None) -> tuple[BatchNormFolded, dict]:
     """Fold every BatchNorm that follows a convolution: `(module, variables) -> (folded module, folded variables)`.
 
