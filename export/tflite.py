@@ -471,7 +471,8 @@ def to_tflite(
 
     tf = import_tf()
     keep = int8_keep_float if (q == "int8" and wants_float(variables, int8_keep_float)) else None
-    corrected = bias_correction and calib is not None
+    # a quantization-aware model (its `quant_stats` collection) already trained its kernels and biases for int8
+    corrected = bias_correction and calib is not None and "quant_stats" not in variables
     export_module, export_variables = module, variables
     if corrected:
         prog.stage("bias", f"correcting biases for int8 weights on {len(calib)} inputs")
