@@ -37,7 +37,7 @@ import numpy as np
 from flax import traverse_util
 
 from compress.fold_bn import BatchNormFolded, fold_bn, unfold_variables
-from compress.qat import fake_quant_weight
+from compress.qat import STATS, QuantAware, fake_quant_weight
 from zoo.layers.conv import Conv2d
 
 DEFAULT_BATCH = 32
@@ -142,11 +142,15 @@ def correct_bias(module: nn.Module, variables: dict, data, *, batch_size: int = 
 
     The module is returned unchanged: the correction is computed on the BN-folded model and written back into the
     module's own structure (`compress.fold_bn.unfold_variables`), so an exported graph keeps its names and ops.
+    A quantization-aware model (`compress.qat`) is refused: training already fitted its kernels and biases to int8.
 
     data: float NHWC inputs, preprocessed like the model's (a few dozen to a few hundred real images).
     exclude: regex over layer paths kept as they are (e.g. layers an int8 export keeps in float).
     min_elements: leave kernels smaller than this alone (`DYNAMIC_MIN_ELEMENTS` for dynamic-range exports).
     """
+    if STATS in variables or isinstance(module, QuantAware):
+        raise TypeError("this model is quantization-aware (compress.qat): its kernels and biases were trained for "
+                        "int8 already; export it without bias correction")
     x = np.asarray(data, np.float32)
     if x.ndim != 4 or len(x) == 0:
         raise ValueError(f"bias correction needs a non-empty float NHWC batch of calibration inputs, got shape "

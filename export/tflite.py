@@ -251,14 +251,15 @@ def _quantize_two_step(tf, conv, keep_float: str | None, int8_io: bool, ranges: 
     return model
 
 
-def _bias_corrected(module, variables, calib: np.ndarray, q: str, keep_float: str | None):
-    """The model the file is made from when bias correction is on: kernels the converter quantizes put on its int8
+def _bias_corrected(module, variables, calib: np.ndarray, q: str, keep_float: str | None) -> dict:
+    """The variables the file is made from when bias correction is on: kernels the converter quantizes put on its int8
     grid, biases corrected (`compress.bias_correction`); layers kept in float, and in dynamic-range mode the small
     kernels the converter leaves float, are left alone."""
     from compress.bias_correction import DYNAMIC_MIN_ELEMENTS, correct_bias
 
-    return correct_bias(module, variables, calib, exclude=keep_float or "",
-                        min_elements=DYNAMIC_MIN_ELEMENTS if q == "dynamic" else 0)
+    _, corrected = correct_bias(module, variables, calib, exclude=keep_float or "",
+                                min_elements=DYNAMIC_MIN_ELEMENTS if q == "dynamic" else 0)
+    return corrected
 
 
 def _calibration_name(calibration) -> str:
@@ -473,12 +474,12 @@ def to_tflite(
     keep = int8_keep_float if (q == "int8" and wants_float(variables, int8_keep_float)) else None
     # a quantization-aware model (its `quant_stats` collection) already trained its kernels and biases for int8
     corrected = bias_correction and calib is not None and "quant_stats" not in variables
-    export_module, export_variables = module, variables
+    export_variables = variables  # the same module with corrected variables, so the graph keeps its names
     if corrected:
         prog.stage("bias", f"correcting biases for int8 weights on {len(calib)} inputs")
-        export_module, export_variables = _bias_corrected(module, variables, calib, q, keep)
+        export_variables = _bias_corrected(module, variables, calib, q, keep)
     acts = INT8_ACTIVATIONS if (q == "int8" and int8_friendly_activations) else None
-    holder, concrete = trace_concrete_function(lambda v, x: export_module.apply(v, x, train=False), export_variables,
+    holder, concrete = trace_concrete_function(lambda v, x: module.apply(v, x, train=False), export_variables,
                                                shape, activations=acts, params=params)
     prog.stage("convert", f"converting to TFLite ({q}" + (f", calibrating on {len(calib)} inputs" if q == "int8"
                                                           else "") + ")")
