@@ -28,6 +28,9 @@ def add_commands(sub) -> None:
     p.add_argument("--no-bias-correction", action="store_true",
                    help="keep the float kernels and biases as they are (default: with calibration data, kernels are "
                         "put on the int8 grid and biases corrected for the rounding's mean error)")
+    p.add_argument("--no-equalization", action="store_true",
+                   help="int8: keep the channel scales as they are (default: scales moved across ReLU/ReLU6 into the "
+                        "BatchNorm before them, so activation channels share their per-tensor int8 range better)")
     p.add_argument("--verify", metavar="DATA", help="verify on these inputs (folder or .npy; default: 8 calibration "
                    "inputs for int8, else 8 random inputs)")
     p.add_argument("--min-agreement", type=float, metavar="FRAC",
@@ -99,7 +102,7 @@ def _cmd_export(args) -> int:
         res = to_tflite(model, quantization=args.quantization, representative_data=calib, input_hw=hw,
                         batch=args.batch, int8_io=args.int8_io, allow_flex=args.allow_flex, out=out,
                         verify_data=vdata, min_agreement=args.min_agreement, progress=not args.quiet,
-                        bias_correction=not args.no_bias_correction,
+                        bias_correction=not args.no_bias_correction, equalization=not args.no_equalization,
                         **({"calibration": args.calibration_method} if args.quantization == "int8" else {}))
     except ExportError as e:
         print(f"zoo export: error: {e}\nzoo export: nothing was written to {out}", file=sys.stderr)

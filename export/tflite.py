@@ -385,6 +385,7 @@ def to_tflite(
     calibration: str | RangeHook = "minmax",
     dynamic_float_depthwise: bool = True,
     bias_correction: bool = True,
+    equalization: bool = True,
     cfg=None,
     labels=None,
     name: str | None = None,
@@ -424,6 +425,9 @@ def to_tflite(
     bias_correction: with `representative_data` ("int8", or "dynamic" when given), export the model with its kernels
         on the int8 grid and each layer's bias corrected for the mean error that rounding causes
         (`compress.bias_correction`); the file is still verified against the model as given.
+    equalization: for "int8", first move per-channel scales across ReLU/ReLU6 pairs and residual streams so that
+        each activation tensor's channels share its per-tensor int8 range better (`compress.equalize`; exact on
+        `representative_data`).
     """
     q = check_quantization(quantization)
     if int8_io and q != "int8":
@@ -473,11 +477,18 @@ def to_tflite(
     tf = import_tf()
     keep = int8_keep_float if (q == "int8" and wants_float(variables, int8_keep_float)) else None
     # a quantization-aware model (its `quant_stats` collection) already trained its kernels and biases for int8
-    corrected = bias_correction and calib is not None and "quant_stats" not in variables
+    trained = "quant_stats" in variables
+    corrected = bias_correction and calib is not None and not trained
+    equalized = equalization and q == "int8" and not trained
     export_variables = variables  # the same module with corrected variables, so the graph keeps its names
+    if equalized:
+        prog.stage("equalize", f"equalizing activation ranges on {len(calib)} inputs")
+        from compress.equalize import equalize_activations
+
+        _, export_variables = equalize_activations(module, variables, calib)
     if corrected:
         prog.stage("bias", f"correcting biases for int8 weights on {len(calib)} inputs")
-        export_variables = _bias_corrected(module, variables, calib, q, keep)
+        export_variables = _bias_corrected(module, export_variables, calib, q, keep)
     acts = INT8_ACTIVATIONS if (q == "int8" and int8_friendly_activations) else None
     holder, concrete = trace_concrete_function(lambda v, x: module.apply(v, x, train=False), export_variables,
                                                shape, activations=acts, params=params)
@@ -512,7 +523,7 @@ def to_tflite(
                           input_hw=hw, ops=report, verification=result, content=content,
                           versions=_versions(stablehlo_versions()["target"]),
                           calibration=_calibration_name(calibration) if q == "int8" else None,
-                          bias_correction=corrected)
+                          bias_correction=corrected, equalization=equalized)
     if out_path is not None:
         prog.stage("write", f"writing {out_path}")
         import json

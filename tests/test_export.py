@@ -208,6 +208,11 @@ def test_cli_export_bench_and_predict(photos, tmp_path, capsys):
     assert main(["export", "--model", SMALL, "--random-weights", "--input-size", "64", "64", "-q", "int8",
                  "--calibration", str(folder), "--int8-io", "--out", str(out8), "--quiet"]) == 0
     assert read_metadata(out8)["input"]["dtype"] == "int8"
+    assert read_metadata(out8)["equalization"] is True and read_metadata(out8)["bias_correction"] is True
+    assert main(["export", "--model", SMALL, "--random-weights", "--input-size", "64", "64", "-q", "int8",
+                 "--calibration", str(folder), "--no-equalization", "--no-bias-correction", "--out", str(out8),
+                 "--quiet"]) == 0
+    assert read_metadata(out8)["equalization"] is False and read_metadata(out8)["bias_correction"] is False
     assert main(["export", "--model", SMALL, "--random-weights", "-q", "int8", "--out", str(out8)]) == 2
     assert "needs --calibration" in capsys.readouterr().err
 

@@ -164,8 +164,9 @@ def test_qat_int8_tflite_of_finetuned_lite0_matches_float_accuracy(tmp_path, mon
     """Float: the `mnist5k_lite0` recipe (60 steps, 64x64). QAT: 30 more steps from that run with
     `compress.qat=True` (lr 3e-4, cosine). Measured on the first 500 held-out digits: float (JAX) 96.0%, QAT int8
     TFLite 95.4% (top-1 agreement with the QAT model 99.6%); post-training int8 of the float model
-    (`export.to_tflite(float_model, quantization="int8", bias_correction=False, ...)`, same 200 calibration images)
-    94.2%: QAT must not be worse than plain PTQ. (Bias-corrected PTQ, the exporter's default, can match QAT here.)"""
+    (`export.to_tflite(float_model, quantization="int8", bias_correction=False, equalization=False, ...)`, same 200
+    calibration images) 94.2%: QAT must not be worse than plain PTQ. (The exporter's default PTQ, with equalization
+    and bias correction, can match QAT here.)"""
     monkeypatch.setenv("ZOO_OFFLINE", "1")
     import export
     import train
@@ -200,7 +201,7 @@ def test_qat_int8_tflite_of_finetuned_lite0_matches_float_accuracy(tmp_path, mon
     assert v.accuracy_tflite >= float_acc - 0.01
     # QAT is not worse than post-training int8 of the float model on the same calibration and test images
     ptq = export.to_tflite(float_run.model, quantization="int8", representative_data=calib, verify_data=images,
-                           verify_labels=yte, progress=False, bias_correction=False)
+                           verify_labels=yte, progress=False, bias_correction=False, equalization=False)
     print(f"PTQ int8 TFLite {ptq.verification.accuracy_tflite:.3f}")
     assert v.accuracy_tflite >= ptq.verification.accuracy_tflite
     assert res.ops.quantized_activations and res.ops.float_islands == ()
