@@ -124,3 +124,21 @@ def random_variables(module, input_shape: tuple[int, ...], seed: int = 0) -> dic
         return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def calibrated_random_model(name: str, hw: tuple[int, int], n: int = 16, seed: int = 0):
+    """(module, variables, inputs): zoo model `name` with random weights and BatchNorm statistics set from `n` random
+    inputs (BN outputs ~N(0, 1) on them, as in a trained network), for passes that need realistic activations."""
+    import zoo
+    from export.weights import calibrate_batch_stats
+
+    module = zoo.create_model(name)
+    x = np.random.default_rng(seed).standard_normal((n, *hw, 3)).astype(np.float32) * 0.5 + 0.3
+    return module, calibrate_batch_stats(module, random_variables(module, (1, *hw, 3)), x), x
+
+
+def jit_logits(module, variables, x) -> np.ndarray:
+    """`module.apply(variables, x)` in inference mode, jitted, as float64 numpy."""
+    import jax
+
+    return np.asarray(jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x), np.float64)

@@ -12,7 +12,7 @@ import zoo
 from compress import qat
 from compress.bias_correction import DYNAMIC_MIN_ELEMENTS, correct_bias, correctable_layers
 from compress.fold_bn import fold_bn
-from export.weights import calibrate_batch_stats, random_variables
+from reference import calibrated_random_model, jit_logits
 
 NAME, HW = "mobilenetv3_small_050", (64, 64)
 
@@ -20,18 +20,11 @@ NAME, HW = "mobilenetv3_small_050", (64, 64)
 @pytest.fixture(scope="module")
 def small():
     """A small MobileNetV3 with random weights and BN statistics set from its inputs, plus those inputs."""
-    module = zoo.create_model(NAME)
-    x = np.random.default_rng(0).standard_normal((16, *HW, 3)).astype(np.float32) * 0.5 + 0.3
-    variables = calibrate_batch_stats(module, random_variables(module, (1, *HW, 3)), x)
-    return module, variables, x
+    return calibrated_random_model(NAME, HW)
 
 
 def _flat(variables):
     return traverse_util.flatten_dict(jax.device_get(dict(variables["params"])), sep="/")
-
-
-def _logits(module, variables, x):
-    return np.asarray(jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x), np.float64)
 
 
 def _weights_only(module, variables):
@@ -53,9 +46,9 @@ def test_kernels_go_on_the_int8_grid_and_the_mean_logits_return_to_float(small):
         assert qat.grid_error(flat[f"{path}/kernel"]) < 1e-3, path
     assert sum(not np.array_equal(flat[f"{p}/bias"], before[f"{p}/bias"]) for p in layers) == len(layers)
 
-    ref = _logits(folded, fv, x)
-    rounded = _logits(folded, _weights_only(folded, fv), x)
-    corrected = _logits(cm, cv, x)
+    ref = jit_logits(folded, fv, x)
+    rounded = jit_logits(folded, _weights_only(folded, fv), x)
+    corrected = jit_logits(cm, cv, x)
     shift_rounded = np.abs(rounded.mean(0) - ref.mean(0)).max()
     shift_corrected = np.abs(corrected.mean(0) - ref.mean(0)).max()
     assert shift_rounded > 1e-3 and shift_corrected < 0.02 * shift_rounded
@@ -92,10 +85,10 @@ def test_real_mobilenet_v2_int8_weight_error_drops_by_more_than_6_db(photos, off
     calib = preprocess(_crops(photos, 1, 8, lo=0.4)[0], model.cfg)
     x = preprocess(_crops(photos, 0, 16)[0], model.cfg)
     folded, fv = fold_bn(model.module, model.variables)
-    ref = _logits(folded, fv, x)
+    ref = jit_logits(folded, fv, x)
     sqnr = lambda y: 10 * np.log10(np.sum(ref ** 2) / np.sum((y - ref) ** 2))  # noqa: E731
-    rounded = _logits(folded, _weights_only(folded, fv), x)
-    corrected = _logits(*correct_bias(model.module, model.variables, calib), x)
+    rounded = jit_logits(folded, _weights_only(folded, fv), x)
+    corrected = jit_logits(*correct_bias(model.module, model.variables, calib), x)
     agree = {k: float(np.mean(y.argmax(-1) == ref.argmax(-1))) for k, y in (("rounded", rounded),
                                                                              ("corrected", corrected))}
     print(f"\nmobilenet_v2 int8 weights: {sqnr(rounded):.1f} dB -> {sqnr(corrected):.1f} dB after bias correction, "

@@ -13,7 +13,8 @@ from flax import traverse_util
 
 import zoo
 from compress.equalize import Pair, channel_maxima, equalize_activations, find_pairs, pair_scales
-from export.weights import calibrate_batch_stats, random_variables
+from export.weights import calibrate_batch_stats
+from reference import calibrated_random_model, jit_logits
 from zoo.layers.conv import Conv2d
 
 NAME, HW = "mobilenetv2_050", (64, 64)
@@ -22,14 +23,8 @@ NAME, HW = "mobilenetv2_050", (64, 64)
 @pytest.fixture(scope="module")
 def small():
     """A small MobileNetV2 with random weights and BN statistics set from its inputs, plus those inputs."""
-    module = zoo.create_model(NAME)
-    x = np.random.default_rng(0).standard_normal((16, *HW, 3)).astype(np.float32) * 0.5 + 0.3
-    variables = calibrate_batch_stats(module, random_variables(module, (1, *HW, 3)), x)
-    return module, variables, x
+    return calibrated_random_model(NAME, HW)
 
-
-def _logits(module, variables, x):
-    return np.asarray(jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x), np.float64)
 
 
 def test_pairs_of_mobilenet_v2(small):
@@ -58,7 +53,7 @@ def test_model_unchanged_on_the_data_and_channels_spread(small):
     module, variables, x = small
     em, ev = equalize_activations(module, variables, x)
     assert em is module and jax.tree_util.tree_structure(ev) == jax.tree_util.tree_structure(variables)
-    ref, out = _logits(module, variables, x), _logits(em, ev, x)
+    ref, out = jit_logits(module, variables, x), jit_logits(em, ev, x)
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
     # the ReLU6 outputs feeding depthwise convs: each channel's maximum now closer to the tensor's
     norms = [p.norm for p in find_pairs(module, variables, x[:2]) if p.depthwise]
