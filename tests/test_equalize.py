@@ -1,6 +1,6 @@
 """Activation equalization (`compress.equalize`): the pairs it finds, the scales it picks, a model unchanged on the
-calibration data with its ReLU6 channels spread over the tensor's range, and on the real MobileNetV2 weights a
-full-int8 TFLite file closer to JAX than without it."""
+calibration data with its ReLU6 channels spread over the tensor's range. Its effect on real-weight full-int8 exports
+is held by tests/test_export_models.py (MobileNetV2: 18.7 dB of logit SQNR without it, 20.3 dB with it)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-import zoo
 from compress.equalize import Pair, channel_maxima, equalize_activations, find_pairs, pair_scales
 from export.weights import calibrate_batch_stats
 from reference import calibrated_random_model, jit_logits
@@ -92,25 +91,3 @@ def test_bad_input(small):
         equalize_activations(module, {"params": variables["params"]}, x)
     with pytest.raises(ValueError, match="max_scale"):
         equalize_activations(module, variables, x, max_scale=0.5)
-
-
-@pytest.mark.slow
-def test_real_mobilenet_v2_int8_export_gains_with_equalization(photos, offline_cache):
-    """The export test's crops: full int8 with percentile ranges and bias correction, with and without the pass."""
-    from test_export_models import _crops
-
-    from export import to_tflite
-    from zoo.preprocess import preprocess
-
-    model = zoo.load("mobilenet_v2", progress=False)
-    calib = preprocess(_crops(photos, 1, 8, lo=0.4)[0], model.cfg)
-    x = preprocess(_crops(photos, 0, 16)[0], model.cfg)
-    sqnr = {}
-    for on in (False, True):
-        res = to_tflite(model, quantization="int8", representative_data=calib, calibration="percentile",
-                        verify_data=x, equalization=on, progress=False)
-        assert res.metadata["equalization"] is on
-        sqnr[on] = res.verification.sqnr_db
-        print(f"\nmobilenet_v2 int8, equalization={on}: {res.verification.summary()}")
-    # measured 18.7 -> 20.5 dB
-    assert sqnr[True] >= sqnr[False] + 1.0
