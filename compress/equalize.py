@@ -68,22 +68,16 @@ def _path(module) -> str:
 
 class _Trace:
     """Interceptor recording every module call on concrete arrays, in the order calls return: (path, module, first
-    argument, output, index of the first call made inside it)."""
+    argument, output)."""
 
     def __init__(self):
-        self.calls: list[tuple[str, nn.Module, object, object, int]] = []
-        self._depth_starts: list[int] = []
+        self.calls: list[tuple[str, nn.Module, object, object]] = []
 
     def __call__(self, next_fun, args, kwargs, ctx):
-        if ctx.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        self._depth_starts.append(len(self.calls))
-        try:
-            out = next_fun(*args, **kwargs)
-        finally:
-            first = self._depth_starts.pop()
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        self.calls.append((_path(ctx.module), ctx.module, x, out, first))
+        out = next_fun(*args, **kwargs)
+        if ctx.method_name == "__call__":
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            self.calls.append((_path(ctx.module), ctx.module, x, out))
         return out
 
 
@@ -92,23 +86,19 @@ def _close(a, b) -> bool:
     return a.shape == b.shape and bool(np.allclose(a, b, atol=1e-5 * max(1.0, float(np.abs(b).max())), rtol=0))
 
 
-def _trace(module, variables, probe) -> list:
-    trace = _Trace()
-    with nn.intercept_methods(trace):
-        module.apply(variables, jnp.asarray(probe), train=False)
-    return trace.calls
-
-
-def find_pairs(module: nn.Module, variables: dict, probe, calls=None) -> tuple[Pair, ...]:
+def find_pairs(module: nn.Module, variables: dict, probe) -> tuple[Pair, ...]:
     """Every (BatchNorm, Conv2d) where the conv's input equals ReLU6 (or ReLU) of that BatchNorm's output on `probe`
     and the BatchNorm is the one called just before the conv. Where ReLU and ReLU6 agree on the probe (nothing above
     6), ReLU6 is assumed: its scales are valid for both."""
-    calls = _trace(module, variables, probe) if calls is None else calls
+    trace = _Trace()
+    with nn.intercept_methods(trace):
+        module.apply(variables, jnp.asarray(probe), train=False)
+    calls = trace.calls
     counts: dict[str, int] = {}
     for path, *_ in calls:
         counts[path] = counts.get(path, 0) + 1
     pairs, last_norm = [], None
-    for path, mod, arr, out, _ in calls:
+    for path, mod, arr, out in calls:
         if isinstance(mod, nn.BatchNorm):
             last_norm = (path, np.asarray(out))
             continue
