@@ -20,13 +20,14 @@ def abstract_variables(module, input_shape: tuple[int, ...]):
     return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32)))
 
 
-def random_variables(module, input_shape: tuple[int, ...], seed: int = 0) -> dict:
+def random_variables(module, input_shape: tuple[int, ...], seed: int = 0, kernel_gain: float = 2.0) -> dict:
     """Concrete numpy variables for `module` (see the module docstring for the scales)."""
-    return fill_variables(abstract_variables(module, input_shape), seed)
+    return fill_variables(abstract_variables(module, input_shape), seed, kernel_gain)
 
 
-def fill_variables(abstract, seed: int = 0) -> dict:
-    """Numpy arrays for an abstract variable tree: He fan-in kernels, unit BN/LN scales and variances, zero shifts."""
+def fill_variables(abstract, seed: int = 0, kernel_gain: float = 2.0) -> dict:
+    """Numpy arrays for an abstract variable tree: kernels N(0, kernel_gain / fan_in) (2: He, for ReLU-like
+    networks; 1: LeCun), unit BN/LN scales and variances, zero shifts."""
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -34,7 +35,7 @@ def fill_variables(abstract, seed: int = 0) -> dict:
         shape, dtype = leaf.shape, leaf.dtype
         if key == "kernel" and len(shape) >= 2:
             fan_in = int(np.prod(shape[:-1]))
-            return (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(dtype)
+            return (rng.standard_normal(shape) * math.sqrt(kernel_gain / fan_in)).astype(dtype)
         if key in ("scale", "var"):
             return np.ones(shape, dtype)
         if key in ("bias", "mean"):
