@@ -99,43 +99,6 @@ def limit_threads(n: int) -> list[int]:
     return cpus
 
 
-class OtherLoad:
-    """CPUs used by other processes (busy time in /proc/stat minus this process's CPU time) since `start()`.
-
-    Two cores and other people's test runs: one busy core makes torch's OpenMP barriers (and XLA's pool) stall, so
-    every measurement records how much of the machine others used meanwhile (`others_cpu`, in CPUs).
-    """
-
-    def __init__(self):
-        self.tick = os.sysconf("SC_CLK_TCK")
-        self.start()
-
-    def _sample(self):
-        with open("/proc/stat") as f:
-            v = [int(t) for t in f.readline().split()[1:]]
-        busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)  # user nice system irq softirq steal
-        own = os.times()
-        return time.perf_counter(), busy / self.tick, own.user + own.system
-
-    def start(self):
-        self._t0 = self._sample()
-
-    def cpus(self) -> float:
-        t1 = self._sample()
-        wall = t1[0] - self._t0[0]
-        return max(0.0, ((t1[1] - self._t0[1]) - (t1[2] - self._t0[2])) / wall) if wall > 0 else 0.0
-
-    def wait_quiet(self, max_wait: float, threshold: float = 0.2, window: float = 1.0) -> float:
-        """Sleep in `window` steps until others used < `threshold` CPUs over one window, or `max_wait` passed."""
-        t_end = time.perf_counter() + max_wait
-        while True:
-            self.start()
-            time.sleep(window)
-            load = self.cpus()
-            if load < threshold or time.perf_counter() >= t_end:
-                return load
-
-
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -233,6 +196,9 @@ def make_twin(twin: str, torch):
 def bench_model(name, cfg, batches, impls, threads, args, jax, np, zoo, depthwise_impl, torch) -> list[dict]:
     import jax.numpy as jnp
 
+    from export.latency import OtherLoad, timed_rounds
+
+    meter = OtherLoad()  # CPUs other processes use while this model is timed
     module = zoo.create_model(name)
     h, w = cfg.input_size
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, h, w, cfg.in_chans))))
@@ -256,8 +222,8 @@ def bench_model(name, cfg, batches, impls, threads, args, jax, np, zoo, depthwis
             compile_s[impl] = time.perf_counter() - t0
             runners[f"zoo:{impl}"] = (lambda c: lambda: c(variables, x).block_until_ready())(compiled)
         if args.wait_quiet > 0:
-            before = OTHERS.wait_quiet(args.wait_quiet)
-            if before >= 0.2:
+            before = meter.wait_quiet(args.wait_quiet)
+            if before is not None and before >= 0.2:
                 log(f"  warning: machine busy (others use {before:.1f} CPUs); measuring anyway")
         layout = ""
         if twin is not None:
@@ -269,15 +235,15 @@ def bench_model(name, cfg, batches, impls, threads, args, jax, np, zoo, depthwis
         log(f"  batch {batch}: timing {', '.join(runners)}" + (f" (torch {layout})" if layout else ""))
         times, others = None, float("inf")
         for attempt in range(1 + args.retries):  # keep the least disturbed set of rounds
-            OTHERS.start()
-            t = timed_rounds(runners, args.repeats, args.budget)
-            load = OTHERS.cpus()
+            meter.start()
+            t = timed_rounds(runners, args.repeats, args.budget, min_rounds=3)
+            load = meter.cpus() or 0.0  # None: /proc/stat unreadable, nothing to compare
             if load < others:
                 times, others = t, load
             if others <= args.max_others or attempt == args.retries:
                 break
             log(f"  others used {load:.2f} CPUs while timing; waiting and measuring again")
-            OTHERS.wait_quiet(args.wait_quiet)
+            meter.wait_quiet(args.wait_quiet)
         torch_s = statistics.median(times["torch"]) if "torch" in times else float("nan")
         for impl in impls:
             zoo_s = statistics.median(times[f"zoo:{impl}"])
@@ -325,19 +291,6 @@ def pick_layout(model, x, torch, batch: int) -> str:
     return min(best, key=best.get)
 
 
-def timed_rounds(runners: dict, repeats: int, budget: float) -> dict[str, list[float]]:
-    times = {k: [] for k in runners}
-    t_begin = time.perf_counter()
-    for r in range(max(1, repeats)):
-        for k, run in runners.items():
-            t0 = time.perf_counter()
-            run()
-            times[k].append(time.perf_counter() - t0)
-        if r + 1 >= 3 and time.perf_counter() - t_begin > budget:
-            break
-    return times
-
-
 def markdown(rows: list[dict], impls: list[str], threads: int, args) -> str:
     head = ["model", "batch", "torch img/s (layout)"]
     for impl in impls:
@@ -361,8 +314,6 @@ def markdown(rows: list[dict], impls: list[str], threads: int, args) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
-
-OTHERS = OtherLoad()
 
 if __name__ == "__main__":
     sys.exit(main())

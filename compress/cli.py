@@ -49,7 +49,8 @@ def add_commands(sub) -> None:
 def _cmd_compare(args) -> int:
     from pathlib import Path
 
-    from compress.compare import compare_tflite, labelled_images, markdown, write_csv
+    from compress.compare import CompareRow, compare_tflite, labelled_images, markdown
+    from export.tables import report
 
     for m in args.models:
         if not Path(m).is_file():
@@ -60,13 +61,7 @@ def _cmd_compare(args) -> int:
         stem = Path(m).stem
         models[stem if stem not in models else m] = m
     rows = compare_tflite(models, images, labels, threads=args.threads, runs=args.runs)
-    table = markdown(rows)
-    print(table, end="")
-    if args.csv:
-        print(f"wrote {write_csv(rows, args.csv)}")
-    if args.md:
-        Path(args.md).write_text(table)
-        print(f"wrote {args.md}")
+    report(markdown(rows), rows, CompareRow, csv_path=args.csv, md_path=args.md)
     return 0
 
 

