@@ -51,7 +51,7 @@ from zoo.layers.conv import Conv2d
 RELU6 = 6.0
 DEFAULT_MAX_SCALE = 16.0
 DEFAULT_DENSE_STRENGTH = 0.5
-_PROBE = 2  # images traced eagerly to find the pairs
+_PROBE = 2  # images traced to find the pairs
 
 
 @dataclass(frozen=True)
@@ -66,19 +66,28 @@ def _path(module) -> str:
     return "/".join(module.path)
 
 
-class _Trace:
-    """Interceptor recording every module call on concrete arrays, in the order calls return: (path, module, first
-    argument, output)."""
+def _traced_calls(module: nn.Module, variables: dict, probe) -> list[tuple[str, nn.Module, np.ndarray, np.ndarray]]:
+    """Every BatchNorm and Conv2d call of the model on `probe`, in the order calls return: (path, module, first
+    argument, output) with concrete arrays. Traced under jit: eager dispatch of a whole model costs 10+ s on CPU."""
+    seen: list[tuple[str, nn.Module]] = []
 
-    def __init__(self):
-        self.calls: list[tuple[str, nn.Module, object, object]] = []
+    def run(v, xb):
+        seen.clear()
+        arrays = []
 
-    def __call__(self, next_fun, args, kwargs, ctx):
-        out = next_fun(*args, **kwargs)
-        if ctx.method_name == "__call__":
-            x = args[0] if args else next(iter(kwargs.values()), None)
-            self.calls.append((_path(ctx.module), ctx.module, x, out))
-        return out
+        def record(next_fun, args, kwargs, ctx):
+            out = next_fun(*args, **kwargs)
+            if ctx.method_name == "__call__" and isinstance(ctx.module, (nn.BatchNorm, Conv2d)):
+                seen.append((_path(ctx.module), ctx.module))
+                arrays.append((args[0] if args else next(iter(kwargs.values())), out))
+            return out
+
+        with nn.intercept_methods(record):
+            module.apply(v, xb, train=False)
+        return arrays
+
+    arrays = jax.device_get(jax.jit(run)(variables, jnp.asarray(probe)))
+    return [(path, mod, np.asarray(x), np.asarray(out)) for (path, mod), (x, out) in zip(seen, arrays)]
 
 
 def _close(a, b) -> bool:
@@ -90,10 +99,7 @@ def find_pairs(module: nn.Module, variables: dict, probe) -> tuple[Pair, ...]:
     """Every (BatchNorm, Conv2d) where the conv's input equals ReLU6 (or ReLU) of that BatchNorm's output on `probe`
     and the BatchNorm is the one called just before the conv. Where ReLU and ReLU6 agree on the probe (nothing above
     6), ReLU6 is assumed: its scales are valid for both."""
-    trace = _Trace()
-    with nn.intercept_methods(trace):
-        module.apply(variables, jnp.asarray(probe), train=False)
-    calls = trace.calls
+    calls = _traced_calls(module, variables, probe)
     counts: dict[str, int] = {}
     for path, *_ in calls:
         counts[path] = counts.get(path, 0) + 1
