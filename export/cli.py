@@ -43,6 +43,10 @@ def add_commands(sub) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="random weights (for models without pretrained weights, or to check export and latency)")
     p.add_argument("--weights", metavar="FILE", help="a local checkpoint (.pth/.safetensors) to load instead")
+    p.add_argument("--sensitivity", nargs="?", const="all", metavar="PARTS",
+                   help="with int8: also export once per top-level part (all, or comma-separated names such as "
+                        "stem,stages_5) kept float and rank the parts by the SQNR gained (export.sensitivity); "
+                        "written to OUT.sensitivity.csv/.md")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(run=_cmd_export)
 
@@ -88,6 +92,8 @@ def _cmd_export(args) -> int:
 
     if args.quantization == "int8" and not args.calibration:
         raise ValueError("--quantization int8 needs --calibration DATA (a folder of images or a .npy)")
+    if args.sensitivity and args.quantization != "int8":
+        raise ValueError("--sensitivity ranks the parts of a full-int8 export: use it with --quantization int8")
     if args.calibration and args.quantization not in ("int8", "dynamic"):
         raise ValueError("--calibration is only used with --quantization int8 or dynamic")
     model = _load_model(args)
@@ -110,7 +116,22 @@ def _cmd_export(args) -> int:
     if args.quiet:
         print(res.summary())
     print(f"wrote {res.path} and {res.path}.json")
+    if args.sensitivity:
+        _sensitivity(model, calib, vdata, hw, out, args)
     return 0
+
+
+def _sensitivity(model, calib, vdata, hw, out, args) -> None:
+    from export.sensitivity import PartSensitivity, int8_sensitivity, markdown
+    from export.tables import report
+
+    parts = None if args.sensitivity == "all" else [p.strip() for p in args.sensitivity.split(",") if p.strip()]
+    rows = int8_sensitivity(model, parts=parts, representative_data=calib, verify_data=vdata if vdata is not None else calib[:32],
+                            input_hw=hw, batch=args.batch, int8_io=args.int8_io, allow_flex=args.allow_flex,
+                            calibration=args.calibration_method, bias_correction=not args.no_bias_correction,
+                            equalization=not args.no_equalization, progress=not args.quiet)
+    stem = str(out).removesuffix(".tflite")
+    report(markdown(rows), rows, PartSensitivity, csv_path=f"{stem}.sensitivity.csv", md_path=f"{stem}.sensitivity.md")
 
 
 def _cmd_bench(args) -> int:

@@ -211,8 +211,13 @@ def test_cli_export_bench_and_predict(photos, tmp_path, capsys):
     assert read_metadata(out8)["equalization"] is True and read_metadata(out8)["bias_correction"] is True
     assert main(["export", "--model", SMALL, "--random-weights", "--input-size", "64", "64", "-q", "int8",
                  "--calibration", str(folder), "--no-equalization", "--no-bias-correction", "--out", str(out8),
-                 "--quiet"]) == 0
+                 "--sensitivity", "head", "--quiet"]) == 0
     assert read_metadata(out8)["equalization"] is False and read_metadata(out8)["bias_correction"] is False
+    ranked = (tmp_path / "m8.sensitivity.csv").read_text().splitlines()  # all int8, then the head kept float
+    assert len(ranked) == 3 and ranked[0].startswith("part,") and ranked[2].startswith("head,")
+    assert "| head |" in (tmp_path / "m8.sensitivity.md").read_text()
+    assert main(["export", "--model", SMALL, "--random-weights", "-q", "fp16", "--sensitivity"]) == 2
+    assert "--sensitivity ranks" in capsys.readouterr().err
     assert main(["export", "--model", SMALL, "--random-weights", "-q", "int8", "--out", str(out8)]) == 2
     assert "needs --calibration" in capsys.readouterr().err
 

@@ -1,0 +1,92 @@
+"""int8 sensitivity by part: an activation channel planted 1000x wider than its neighbours is found in its part."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from export import to_tflite
+from export.sensitivity import BASELINE, int8_sensitivity, markdown, model_parts
+from zoo.layers.conv import Conv2d
+
+HW = (32, 32)
+PLANT = 1000.0
+
+
+class _Part(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(Conv2d(2 * self.features, 1, use_bias=True, name="expand")(x))
+        return nn.relu(Conv2d(self.features, 3, use_bias=True, name="mix")(x))
+
+
+class _Net(nn.Module):
+    """Four parts, shallow enough that random weights quantize well (deep random networks amplify int8 noise)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(Conv2d(16, 3, stride=2, use_bias=True, name="stem")(x))
+        x = _Part(16, name="body_0")(x)
+        x = _Part(16, name="body_1")(x)
+        return nn.Dense(10, name="head")(x.mean(axis=(1, 2)))
+
+
+@pytest.fixture(scope="module")
+def nets():
+    """(module, clean variables, planted variables, calibration, verify inputs). The planted copy computes the same:
+    ReLU(1000 y) / 1000 = ReLU(y), so scaling body_1's expand channel 0 up and the mix weights that read it down
+    changes nothing in float, while one int8 scale for that tensor can no longer resolve its other channels."""
+    module = _Net()
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((12, *HW, 3)).astype(np.float32)
+    x = rng.standard_normal((16, *HW, 3)).astype(np.float32)
+    clean = jax.tree.map(np.array, module.init(jax.random.PRNGKey(0), x[:1]))
+    clean["params"]["body_1"]["expand"]["bias"][0] = 0.5  # the planted channel is active on most inputs
+    planted = jax.tree.map(np.copy, clean)
+    body = planted["params"]["body_1"]
+    body["expand"]["kernel"][..., 0] *= PLANT
+    body["expand"]["bias"][0] *= PLANT
+    body["mix"]["kernel"][:, :, 0, :] /= PLANT
+    a, b = (np.asarray(module.apply(v, x)) for v in (clean, planted))
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()  # the same model in float
+    return module, clean, planted, calib, x
+
+
+def test_parts_are_the_top_level_modules_in_call_order(nets):
+    module, clean, *_ = nets
+    assert model_parts(module, clean, (1, *HW, 3)) == ("stem", "body_0", "body_1", "head")
+
+
+def test_the_part_with_the_planted_channel_gains_most(nets):
+    module, clean, planted, calib, x = nets
+    # equalization off: it would move the planted scale back out of the activation (compress.equalize)
+    options = dict(representative_data=calib, verify_data=x, input_hw=HW, equalization=False, progress=False)
+    clean_sqnr = to_tflite(module, clean, quantization="int8", **options).verification.sqnr_db
+    rows = int8_sensitivity(module, planted, **options)
+    print(f"\nclean all-int8 SQNR {clean_sqnr:.1f} dB; planted:\n" + markdown(rows))
+    base, best, rest = rows[0], rows[1], rows[2:]
+    assert base.part == BASELINE and base.gain_db == 0 and base.float_islands == 0
+    assert base.sqnr_db <= clean_sqnr - 10  # the plant is what int8 suffers from
+    assert best.part == "body_1" and best.float_islands == 1 and best.sqnr_db >= clean_sqnr - 3
+    assert best.gain_db >= 10 and all(r.gain_db <= 3 for r in rest)
+    assert [r.gain_db for r in rows[1:]] == sorted((r.gain_db for r in rows[1:]), reverse=True)
+    for r in rows:
+        assert r.sqnr_db == pytest.approx(base.sqnr_db + r.gain_db, abs=0.02)
+    assert best.params == sum(np.size(a) for a in jax.tree.leaves(planted["params"]["body_1"]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(parts=("body1",)), r"unknown part 'body1'.*did you mean body_1"),
+    (dict(parts=()), "parts is empty"),
+    (dict(quantization="fp16"), "full-int8"),
+    (dict(representative_data=None), "needs representative_data"),
+])
+def test_bad_arguments_name_the_problem(nets, kwargs, match):
+    module, clean, _, calib, x = nets
+    with pytest.raises(ValueError, match=match):
+        int8_sensitivity(module, clean, **{**dict(representative_data=calib, verify_data=x, input_hw=HW, progress=False),
+                                           **kwargs})
