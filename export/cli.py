@@ -44,9 +44,9 @@ def add_commands(sub) -> None:
                    help="random weights (for models without pretrained weights, or to check export and latency)")
     p.add_argument("--weights", metavar="FILE", help="a local checkpoint (.pth/.safetensors) to load instead")
     p.add_argument("--sensitivity", nargs="?", const="all", metavar="PARTS",
-                   help="with int8: also export once per top-level part (all, or comma-separated names such as "
-                        "stem,stages_5) kept float and rank the parts by the SQNR gained (export.sensitivity); "
-                        "written to OUT.sensitivity.csv/.md")
+                   help="with int8: also export once per top-level part (all, or comma-separated module paths "
+                        "such as stem,stages_5 or stages_5/block_0) kept float and rank the parts by the SQNR gained "
+                        "(export.sensitivity); written to OUT.sensitivity.csv/.md")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(run=_cmd_export)
 

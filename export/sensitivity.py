@@ -7,8 +7,9 @@
     rows = int8_sensitivity(model, representative_data=calib, verify_data=x, calibration="percentile")
     print(markdown(rows))      # baseline first, then the parts, largest SQNR gain first
 
-One all-int8 export (the baseline), then one export per part (`stem`, `stages_0`, ..., `head`) with that part's ops
-kept float (`to_tflite(int8_keep_float=...)`), each verified against JAX on the same inputs. A part's gain is the
+One all-int8 export (the baseline), then one export per part (`stem`, `stages_0`, ..., `head`; or deeper module
+paths such as `stages_5/block_0`, to look inside a part that stands out) with that part's ops kept float
+(`to_tflite(int8_keep_float=...)`), each verified against JAX on the same inputs. A part's gain is the
 output SQNR of its export minus the baseline's: the int8 noise that part adds, as the rest of the network passes it
 on. Keeping a part float leaves its input and output quantized (the tensors that cross into int8 neighbours), so the
 gain counts the rounding inside the part only.
@@ -35,7 +36,7 @@ BASELINE = "(none: all int8)"
 
 @dataclass(frozen=True)
 class PartSensitivity:
-    part: str  # top-level module kept float; BASELINE for the all-int8 export
+    part: str  # module path kept float; BASELINE for the all-int8 export
     params: int  # parameters inside the part
     sqnr_db: float  # output SQNR against JAX on the verify inputs
     gain_db: float  # sqnr_db minus the baseline's
@@ -68,23 +69,34 @@ def _part_pattern(part: str) -> str:
     return "/" + re.escape(part) + "/"
 
 
-def _check_parts(parts, available: tuple[str, ...], variables) -> tuple[str, ...]:
-    parts = tuple(parts)
-    if not parts:
-        raise ValueError(f"parts is empty; choose from {', '.join(available)} (or pass parts=None for all)")
-    for p in parts:
-        if p not in available:
-            close = difflib.get_close_matches(str(p), available, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"unknown part {p!r}: the model's top-level parts are {', '.join(available)}{hint}")
+def _module_paths(variables) -> tuple[str, ...]:
+    """Every module path that holds parameters, at any depth ("stages_5", "stages_5/block_0", ...)."""
     import jax
 
+    paths: dict[str, None] = {}
     for path, _ in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
-        keys = [str(getattr(k, "key", k)) for k in path]
-        nested = [p for p in parts if p in keys[1:-1]]
-        if nested:  # "/part/" would also keep this deeper module float
-            raise ValueError(f"part {nested[0]!r} is also the name of a nested module ({'/'.join(keys[:-1])}); its "
-                             "ops cannot be told apart by name")
+        keys = [str(getattr(k, "key", k)) for k in path][:-1]  # without the parameter's own name
+        for depth in range(1, len(keys) + 1):
+            paths["/".join(keys[:depth])] = None
+    return tuple(paths)
+
+
+def _check_parts(parts, top_level: tuple[str, ...], variables) -> tuple[str, ...]:
+    parts = tuple(parts)
+    if not parts:
+        raise ValueError(f"parts is empty; choose from {', '.join(top_level)} (or pass parts=None for all)")
+    paths = _module_paths(variables)
+    for p in parts:
+        if p not in paths:
+            same_depth = [q for q in paths if q.count("/") == str(p).count("/")]
+            close = difflib.get_close_matches(str(p), same_depth, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown part {p!r}: not a module path of the model (its top-level parts are "
+                             f"{', '.join(top_level)}; deeper ones look like 'stages_1/block_0'){hint}")
+    for q in paths:  # "/part/" must not also match a module deeper in the tree, whose ops it would keep float too
+        for p in parts:
+            if f"/{q}/".find(f"/{p}/", 1) > 0:
+                raise ValueError(f"part {p!r} also names a nested module ({q}); its ops cannot be told apart by name")
     return parts
 
 
@@ -94,7 +106,8 @@ def int8_sensitivity(model_or_module, variables=None, *, representative_data, ve
 
     representative_data / verify_data: as for `to_tflite` (float NHWC, preprocessed like the model's input); the
         verify inputs should be real images, since the gains are measured on them.
-    parts: top-level module names to try (default: every one, `model_parts`).
+    parts: module paths to try: top-level names (default: every one, `model_parts`) or deeper paths such as
+        "stages_5/block_0", to look inside a part that stands out.
     export_options: passed to every `to_tflite` call (e.g. `calibration="percentile"`, `input_hw`,
         `equalization=False`); a given `int8_keep_float` stays float in every row, the part is added to it.
     """
@@ -121,7 +134,10 @@ def int8_sensitivity(model_or_module, variables=None, *, representative_data, ve
     def row(part: str, res, base_sqnr: float) -> PartSensitivity:
         import jax
 
-        n = 0 if part == BASELINE else sum(int(np.size(a)) for a in jax.tree.leaves(variables["params"][part]))
+        tree = variables["params"]
+        for key in ([] if part == BASELINE else part.split("/")):
+            tree = tree[key]
+        n = 0 if part == BASELINE else sum(int(np.size(a)) for a in jax.tree.leaves(tree))
         v = res.verification
         return PartSensitivity(part, n, round(v.sqnr_db, 2), round(v.sqnr_db - base_sqnr, 2),
                                round(v.top1_agreement, 4), len(res.ops.float_islands), round(res.size_bytes / 1e6, 3))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from export import to_tflite
-from export.sensitivity import BASELINE, int8_sensitivity, markdown, model_parts
+from export.sensitivity import BASELINE, _check_parts, int8_sensitivity, markdown, model_parts
 from zoo.layers.conv import Conv2d
 
 HW = (32, 32)
@@ -79,8 +79,27 @@ def test_the_part_with_the_planted_channel_gains_most(nets):
     assert best.params == sum(np.size(a) for a in jax.tree.leaves(planted["params"]["body_1"]))
 
 
+def test_deeper_parts_keep_their_border_tensors_int8(nets):
+    """`body_1/expand` kept float still hands the planted tensor to `mix` in int8: only the whole block recovers."""
+    module, _, planted, calib, x = nets
+    rows = int8_sensitivity(module, planted, representative_data=calib, verify_data=x, input_hw=HW,
+                            parts=("body_1/expand", "body_1"), equalization=False, progress=False)
+    by_part = {r.part: r for r in rows}
+    assert [r.part for r in rows] == [BASELINE, "body_1", "body_1/expand"]
+    assert by_part["body_1"].gain_db >= 10 and by_part["body_1/expand"].gain_db <= 3
+    assert by_part["body_1/expand"].params == 16 * 32 + 32
+
+
+def test_a_part_named_like_a_nested_module_is_refused():
+    variables = {"params": {"head": {"kernel": np.zeros(2)}, "body": {"head": {"kernel": np.zeros(2)}}}}
+    assert _check_parts(("body/head",), ("body", "head"), variables) == ("body/head",)
+    with pytest.raises(ValueError, match=r"part 'head' also names a nested module \(body/head\)"):
+        _check_parts(("head",), ("body", "head"), variables)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(parts=("body1",)), r"unknown part 'body1'.*did you mean body_1"),
+    (dict(parts=("body_1/expnd",)), r"unknown part 'body_1/expnd'.*did you mean body_1/expand"),
     (dict(parts=()), "parts is empty"),
     (dict(quantization="fp16"), "full-int8"),
     (dict(representative_data=None), "needs representative_data"),
