@@ -1,4 +1,4 @@
-"""Where a full-int8 export loses accuracy: the model's top-level parts ranked by what keeping each one in float buys.
+"""Where a full-int8 export loses accuracy: the model's parts ranked by what keeping each one in float buys.
 
     import zoo
     from export.sensitivity import int8_sensitivity, markdown
@@ -117,7 +117,7 @@ def int8_sensitivity(model_or_module, variables=None, *, representative_data, ve
         raise ValueError("int8_sensitivity needs representative_data (calibration) and verify_data (the inputs the "
                          "SQNR is measured on)")
     module, variables, cfg, _, name = _resolve_model(model_or_module, variables, cfg, None,
-                                                          export_options.pop("name", None), progress)
+                                                     export_options.pop("name", None), progress)
     x = np.asarray(verify_data)
     if x.ndim != 4:
         raise ValueError(f"verify_data must be a float NHWC batch, got shape {x.shape}")
