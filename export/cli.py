@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+SENSITIVITY_VERIFY = 32  # calibration inputs --sensitivity measures on when --verify is not given
+
 
 def add_commands(sub) -> None:
     p = sub.add_parser("export", help="export a model to TFLite, verified against JAX in the LiteRT interpreter",
@@ -46,7 +48,8 @@ def add_commands(sub) -> None:
     p.add_argument("--sensitivity", nargs="?", const="all", metavar="PARTS",
                    help="with int8: also export once per top-level part (all, or comma-separated module paths "
                         "such as stem,stages_5 or stages_5/block_0) kept float and rank the parts by the SQNR gained "
-                        "(export.sensitivity); written to OUT.sensitivity.csv/.md")
+                        "(export.sensitivity); written to OUT.sensitivity.csv/.md. Measured on --verify, or on the "
+                        f"first {SENSITIVITY_VERIFY} calibration inputs, which then also verify OUT")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(run=_cmd_export)
 
@@ -103,6 +106,8 @@ def _cmd_export(args) -> int:
     if args.calibration:
         calib = load_data(args.calibration, cfg, args.num_calibration, progress=not args.quiet)
     vdata = load_data(args.verify, cfg, progress=not args.quiet) if args.verify else None
+    if args.sensitivity and vdata is None:  # the ranking and the written file's check measure on the same inputs
+        vdata = calib[:SENSITIVITY_VERIFY]
     out = args.out or f"{model.name.replace('.', '_')}_{args.quantization}.tflite"
     try:
         res = to_tflite(model, quantization=args.quantization, representative_data=calib, input_hw=hw,
@@ -117,16 +122,16 @@ def _cmd_export(args) -> int:
         print(res.summary())
     print(f"wrote {res.path} and {res.path}.json")
     if args.sensitivity:
-        _sensitivity(model, calib, vdata, hw, out, args)
+        _sensitivity(model, calib, vdata, hw, out, args, baseline=res)
     return 0
 
 
-def _sensitivity(model, calib, vdata, hw, out, args) -> None:
+def _sensitivity(model, calib, vdata, hw, out, args, baseline) -> None:
     from export.sensitivity import PartSensitivity, int8_sensitivity, markdown
     from export.tables import report
 
     parts = None if args.sensitivity == "all" else [p.strip() for p in args.sensitivity.split(",") if p.strip()]
-    rows = int8_sensitivity(model, parts=parts, representative_data=calib, verify_data=vdata if vdata is not None else calib[:32],
+    rows = int8_sensitivity(model, parts=parts, representative_data=calib, verify_data=vdata, baseline=baseline,
                             input_hw=hw, batch=args.batch, int8_io=args.int8_io, allow_flex=args.allow_flex,
                             calibration=args.calibration_method, bias_correction=not args.no_bias_correction,
                             equalization=not args.no_equalization, progress=not args.quiet)

@@ -100,14 +100,29 @@ def _check_parts(parts, top_level: tuple[str, ...], variables) -> tuple[str, ...
     return parts
 
 
+def _check_baseline(baseline, module, variables, x) -> None:
+    """The given all-int8 result must have been verified on these inputs against this model."""
+    from export.tflite import _reference
+
+    if getattr(baseline, "quantization", None) != "int8" or baseline.reference is None:
+        raise ValueError("baseline must be the result of a full-int8 to_tflite export with verify_data")
+    if len(baseline.reference) != len(x) or not np.allclose(baseline.reference, _reference(module, variables, x),
+                                                             rtol=1e-5, atol=1e-5):
+        raise ValueError(f"baseline was verified on other inputs or another model ({len(baseline.reference)} "
+                         f"reference outputs, {len(x)} verify inputs here); export it with the same verify_data")
+
+
 def int8_sensitivity(model_or_module, variables=None, *, representative_data, verify_data, verify_labels=None,
-                     parts=None, cfg=None, progress: bool = True, **export_options) -> list[PartSensitivity]:
+                     parts=None, cfg=None, baseline=None, progress: bool = True,
+                     **export_options) -> list[PartSensitivity]:
     """Rows for the all-int8 export and for each part kept float (see the module doc), largest gain first.
 
     representative_data / verify_data: as for `to_tflite` (float NHWC, preprocessed like the model's input); the
         verify inputs should be real images, since the gains are measured on them.
     parts: module paths to try: top-level names (default: every one, `model_parts`) or deeper paths such as
         "stages_5/block_0", to look inside a part that stands out.
+    baseline: the all-int8 `to_tflite` result for the same model, options and verify_data, if the caller already
+        made it (as `zoo export --sensitivity` does); it stands in for the first row's export.
     export_options: passed to every `to_tflite` call (e.g. `calibration="percentile"`, `input_hw`,
         `equalization=False`); a given `int8_keep_float` stays float in every row, the part is added to it.
     """
@@ -146,8 +161,10 @@ def int8_sensitivity(model_or_module, variables=None, *, representative_data, ve
         if progress:
             print(msg, file=sys.stderr, flush=True)
 
-    say(f"int8 sensitivity of {name}: {len(parts) + 1} exports on {len(x)} input(s)")
-    base = export(None)
+    if baseline is not None:
+        _check_baseline(baseline, module, variables, x)
+    say(f"int8 sensitivity of {name}: {len(parts) + (baseline is None)} exports on {len(x)} input(s)")
+    base = export(None) if baseline is None else baseline
     base_sqnr = base.verification.sqnr_db
     say(f"[1/{len(parts) + 1}] all int8: SQNR {base_sqnr:.2f} dB, top-1 agreement {base.verification.top1_agreement:.1%}")
     rows = []

@@ -90,6 +90,25 @@ def test_deeper_parts_keep_their_border_tensors_int8(nets):
     assert by_part["body_1/expand"].params == 16 * 32 + 32
 
 
+def test_a_given_baseline_stands_in_for_the_first_export(nets, monkeypatch):
+    import export.sensitivity as sensitivity
+
+    module, _, planted, calib, x = nets
+    options = dict(representative_data=calib, input_hw=HW, equalization=False, progress=False)
+    base = to_tflite(module, planted, quantization="int8", verify_data=x, **options)
+    calls = []
+    monkeypatch.setattr(sensitivity, "to_tflite", lambda *a, **k: calls.append(k) or to_tflite(*a, **k))
+    rows = int8_sensitivity(module, planted, verify_data=x, parts=("body_1",), baseline=base, **options)
+    assert len(calls) == 1 and "/body_1/" in calls[0]["int8_keep_float"]  # only the part's own export
+    assert rows[0].part == BASELINE and rows[0].sqnr_db == round(base.verification.sqnr_db, 2)
+    assert rows[1].gain_db >= 10
+    with pytest.raises(ValueError, match="verified on other inputs"):
+        int8_sensitivity(module, planted, verify_data=x[:8], parts=("body_1",), baseline=base, **options)
+    fp16 = to_tflite(module, planted, quantization="fp16", verify_data=x, input_hw=HW, progress=False)
+    with pytest.raises(ValueError, match="full-int8"):
+        int8_sensitivity(module, planted, verify_data=x, parts=("body_1",), baseline=fp16, **options)
+
+
 def test_a_part_named_like_a_nested_module_is_refused():
     variables = {"params": {"head": {"kernel": np.zeros(2)}, "body": {"head": {"kernel": np.zeros(2)}}}}
     assert _check_parts(("body/head",), ("body", "head"), variables) == ("body/head",)
