@@ -69,6 +69,11 @@ def _part_pattern(part: str) -> str:
     return "/" + re.escape(part) + "/"
 
 
+def parts_pattern(parts, keep: str | None = None) -> str | None:
+    """The `int8_keep_float` regex that keeps `parts` (module paths) float, on top of `keep`."""
+    return "|".join(p for p in (keep, *(_part_pattern(part) for part in parts)) if p) or None
+
+
 def _module_paths(variables) -> tuple[str, ...]:
     """Every module path that holds parameters, at any depth ("stages_5", "stages_5/block_0", ...)."""
     import jax
@@ -141,7 +146,7 @@ def int8_sensitivity(model_or_module, variables=None, *, representative_data, ve
     keep = export_options.pop("int8_keep_float", DEFAULT_INT8_KEEP_FLOAT)
 
     def export(part: str | None):
-        pattern = "|".join(p for p in (keep, _part_pattern(part) if part else None) if p) or None
+        pattern = parts_pattern((part,) if part else (), keep)
         return to_tflite(module, variables, quantization="int8", representative_data=representative_data,
                          verify_data=x, verify_labels=verify_labels, cfg=cfg, name=name, int8_keep_float=pattern,
                          progress=False, **export_options)

@@ -523,7 +523,7 @@ def to_tflite(
                           input_hw=hw, ops=report, verification=result, content=content,
                           versions=_versions(stablehlo_versions()["target"]),
                           calibration=_calibration_name(calibration) if q == "int8" else None,
-                          bias_correction=corrected, equalization=equalized)
+                          bias_correction=corrected, equalization=equalized, int8_keep_float=keep)
     if out_path is not None:
         prog.stage("write", f"writing {out_path}")
         import json
