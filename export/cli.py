@@ -50,6 +50,12 @@ def add_commands(sub) -> None:
                         "such as stem,stages_5 or stages_5/block_0) kept float and rank the parts by the SQNR gained "
                         "(export.sensitivity); written to OUT.sensitivity.csv/.md. Measured on --verify, or on the "
                         f"first {SENSITIVITY_VERIFY} calibration inputs, which then also verify OUT")
+    p.add_argument("--keep-float", metavar="PARTS|auto",
+                   help="with int8: keep these parts' ops float (comma-separated module paths such as stages_5,"
+                        "stages_6), or 'auto': the fewest parts, in sensitivity order, that meet --min-agreement "
+                        "and/or --min-sqnr on --verify (or the first "
+                        f"{SENSITIVITY_VERIFY} calibration inputs) (export.mixed)")
+    p.add_argument("--min-sqnr", type=float, metavar="DB", help="with --keep-float auto: the output SQNR to reach")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(run=_cmd_export)
 
@@ -99,6 +105,7 @@ def _cmd_export(args) -> int:
         raise ValueError("--sensitivity ranks the parts of a full-int8 export: use it with --quantization int8")
     if args.calibration and args.quantization not in ("int8", "dynamic"):
         raise ValueError("--calibration is only used with --quantization int8 or dynamic")
+    _check_keep_float(args)
     model = _load_model(args)
     hw = tuple(args.input_size) if args.input_size else tuple(model.cfg.input_size)
     cfg = model.cfg.replace(input_size=hw)
@@ -106,15 +113,26 @@ def _cmd_export(args) -> int:
     if args.calibration:
         calib = load_data(args.calibration, cfg, args.num_calibration, progress=not args.quiet)
     vdata = load_data(args.verify, cfg, progress=not args.quiet) if args.verify else None
-    if args.sensitivity and vdata is None:  # the ranking and the written file's check measure on the same inputs
+    auto = args.keep_float == "auto"
+    if (args.sensitivity or auto) and vdata is None:  # the ranking and the written file's check: the same inputs
         vdata = calib[:SENSITIVITY_VERIFY]
     out = args.out or f"{model.name.replace('.', '_')}_{args.quantization}.tflite"
+    options = dict(representative_data=calib, input_hw=hw, batch=args.batch, int8_io=args.int8_io,
+                   allow_flex=args.allow_flex, verify_data=vdata, progress=not args.quiet,
+                   bias_correction=not args.no_bias_correction, equalization=not args.no_equalization,
+                   **({"calibration": args.calibration_method} if args.quantization == "int8" else {}))
     try:
-        res = to_tflite(model, quantization=args.quantization, representative_data=calib, input_hw=hw,
-                        batch=args.batch, int8_io=args.int8_io, allow_flex=args.allow_flex, out=out,
-                        verify_data=vdata, min_agreement=args.min_agreement, progress=not args.quiet,
-                        bias_correction=not args.no_bias_correction, equalization=not args.no_equalization,
-                        **({"calibration": args.calibration_method} if args.quantization == "int8" else {}))
+        if auto:
+            from export.mixed import mixed_int8
+
+            mixed = mixed_int8(model, min_agreement=args.min_agreement, min_sqnr_db=args.min_sqnr, out=out, **options)
+            res = mixed.export
+            print(f"kept float: {', '.join(mixed.kept_float) or 'nothing (all int8 meets the target)'}")
+        else:
+            if args.keep_float:
+                options["int8_keep_float"] = _keep_float_pattern(model, args.keep_float, hw)
+            res = to_tflite(model, quantization=args.quantization, out=out, min_agreement=args.min_agreement,
+                            **options)
     except ExportError as e:
         print(f"zoo export: error: {e}\nzoo export: nothing was written to {out}", file=sys.stderr)
         return 1
@@ -124,6 +142,26 @@ def _cmd_export(args) -> int:
     if args.sensitivity:
         _sensitivity(model, calib, vdata, hw, out, args, baseline=res)
     return 0
+
+
+def _check_keep_float(args) -> None:
+    if args.keep_float and args.quantization != "int8":
+        raise ValueError("--keep-float keeps parts of a full-int8 export float: use it with --quantization int8")
+    if args.min_sqnr is not None and args.keep_float != "auto":
+        raise ValueError("--min-sqnr is the target of --keep-float auto")
+    if args.keep_float == "auto" and args.min_agreement is None and args.min_sqnr is None:
+        raise ValueError("--keep-float auto needs a target: --min-agreement FRAC and/or --min-sqnr DB")
+    if args.keep_float and args.sensitivity:
+        raise ValueError("--keep-float and --sensitivity: choose one (the sensitivity rows keep one part float each)")
+
+
+def _keep_float_pattern(model, keep_float: str, hw) -> str | None:
+    from export.sensitivity import check_parts, model_parts, parts_pattern
+    from export.tflite import DEFAULT_INT8_KEEP_FLOAT
+
+    parts = [p.strip() for p in keep_float.split(",") if p.strip()]
+    top = model_parts(model.module, model.variables, (1, *hw, model.cfg.in_chans))
+    return parts_pattern(check_parts(parts, top, model.variables), DEFAULT_INT8_KEEP_FLOAT)
 
 
 def _sensitivity(model, calib, vdata, hw, out, args, baseline) -> None:

@@ -17,9 +17,9 @@ that order, one more per export, up to `max_float_parts`. The first export that 
 every export tried and nothing is written.
 
 This is what TF's QuantizationDebugger calls selective quantization, at the level of the model's structure. The
-float parts cost latency and size: on MobileNetV2 (224x224, 2 cores, LiteRT + XNNPACK, one thread) full int8 runs in
-4.2 ms and agrees with JAX on 89.1% of the export test's crops, int8 with stages 5-6 float in 5.4 ms at 95.3%, fp32
-in 8.8 ms (`bench/results/mixed_int8.md`).
+float parts cost latency and size: on MobileNetV2 (224x224, LiteRT + XNNPACK, one thread of this 2-core machine) full
+int8 runs in 3.4 ms and agrees with JAX on 89.1% of the export test's crops, int8 with stages 5-6 float in 4.4 ms at
+95.3% (7.6 MB instead of 4.0), fp32 in 7.1 ms (`bench/mixed_int8.py`).
 """
 
 from __future__ import annotations

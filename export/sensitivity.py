@@ -86,7 +86,9 @@ def _module_paths(variables) -> tuple[str, ...]:
     return tuple(paths)
 
 
-def _check_parts(parts, top_level: tuple[str, ...], variables) -> tuple[str, ...]:
+def check_parts(parts, top_level: tuple[str, ...], variables) -> tuple[str, ...]:
+    """`parts` as given, once each is known to be a module path of the model (else close matches are named) whose
+    "/part/" pattern matches no deeper module as well."""
     parts = tuple(parts)
     if not parts:
         raise ValueError(f"parts is empty; choose from {', '.join(top_level)} (or pass parts=None for all)")
@@ -142,7 +144,7 @@ def int8_sensitivity(model_or_module, variables=None, *, representative_data, ve
     if x.ndim != 4:
         raise ValueError(f"verify_data must be a float NHWC batch, got shape {x.shape}")
     available = model_parts(module, variables, (1, *x.shape[1:]))
-    parts = _check_parts(available if parts is None else parts, available, variables)
+    parts = check_parts(available if parts is None else parts, available, variables)
     keep = export_options.pop("int8_keep_float", DEFAULT_INT8_KEEP_FLOAT)
 
     def export(part: str | None):

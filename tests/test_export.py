@@ -218,6 +218,20 @@ def test_cli_export_bench_and_predict(photos, tmp_path, capsys):
     assert "| head |" in (tmp_path / "m8.sensitivity.md").read_text()
     assert main(["export", "--model", SMALL, "--random-weights", "-q", "fp16", "--sensitivity"]) == 2
     assert "--sensitivity ranks" in capsys.readouterr().err
+
+    # parts kept float by name, or as few as a target needs (export.mixed)
+    int8 = ["export", "--model", SMALL, "--random-weights", "--input-size", "64", "64", "-q", "int8",
+            "--calibration", str(folder), "--out", str(out8), "--quiet"]
+    assert main(int8 + ["--keep-float", "head"]) == 0
+    assert "/head/" in read_metadata(out8)["int8_keep_float"] and read_metadata(out8)["float_islands"]
+    capsys.readouterr()
+    assert main(int8 + ["--keep-float", "auto", "--min-sqnr", "0"]) == 0  # all int8 meets it
+    assert "kept float: nothing" in capsys.readouterr().out and not read_metadata(out8)["float_islands"]
+    for extra, message in [(["--keep-float", "auto"], "needs a target"),
+                           (["--keep-float", "haed"], "did you mean head"),
+                           (["--min-sqnr", "20"], "target of --keep-float auto")]:
+        assert main(int8 + extra) == 2
+        assert message in capsys.readouterr().err
     assert main(["export", "--model", SMALL, "--random-weights", "-q", "int8", "--out", str(out8)]) == 2
     assert "needs --calibration" in capsys.readouterr().err
 

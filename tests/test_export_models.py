@@ -23,14 +23,15 @@ crops (measured 96.9%). MobileNetV2 int8 does not reach that bar: 89.1% here (SQ
 equalization), every flip at a near-tie (JAX margin < 0.75) while the 32 crops JAX decides by a margin >= 1
 (`export.verify.DECISIVE_MARGIN`) all agree. Its remaining error is per-tensor activation rounding, largest in the
 residual streams of the last stages (simulated: 16.8 dB of logit SQNR from activations alone, 25.6 dB if they were
-per-channel), so the test holds it to the decisive crops, an 85% floor and 19.5 dB (18.7 dB without equalization, so
-the bound also holds that pass to its gain). Random-weight families have few decisive crops (their margins are set by
-the head's scale), so they are judged by output SQNR and agreement floors for int8: >= 8 dB and 60% (measured 10-15
-dB, 70-83%), because random features separate the photos by less than post-training int8 noise: on the same crops the
-JAX models themselves tell the photos apart only 72-84% of the time. The random-weight classifier is also harder to
-quantize than trained weights: built the same way for the two architectures that have real weights (128x128, the
-same crops, percentile ranges), its full-int8 logits SQNR is 13.4 dB (MobileNetV2) and 12.4 dB (EfficientNet-Lite0),
-where their real weights give 18.5 and 21.3 dB.
+per-channel), so the test holds it to the decisive crops, an 85% floor and 19.5 dB (18.7 dB without equalization, so the
+bound also holds that pass to its gain). With stages 5-6 kept float (not full int8: the parts `export.mixed` keeps for a
+95% target) it reaches 95.3% and 24.5 dB, which a test of its own holds it to. Random-weight families have few decisive
+crops (their margins are set by the head's scale), so they are judged by output SQNR and agreement floors for int8: >= 8
+dB and 60% (measured 10-15 dB, 70-83%), because random features separate the photos by less than post-training int8
+noise: on the same crops the JAX models themselves tell the photos apart only 72-84% of the time. The random-weight
+classifier is also harder to quantize than trained weights: built the same way for the two architectures that have real
+weights (128x128, the same crops, percentile ranges), its full-int8 logits SQNR is 13.4 dB (MobileNetV2) and 12.4 dB
+(EfficientNet-Lite0), where their real weights give 18.5 and 21.3 dB.
 """
 
 from __future__ import annotations
@@ -204,3 +205,20 @@ def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_
             assert len(res.ops.float_islands) > 0
         else:
             assert not res.ops.float_islands
+
+
+def test_mobilenetv2_int8_with_stages_5_6_float_reaches_the_bar(photos, offline_cache):
+    """Not full int8: the parts `export.mixed` keeps float for a 95% target on these crops (the search itself, ten
+    exports, runs in bench/mixed_int8.py; here its outcome is exported once). Measured 95.3%, 24.5 dB."""
+    from export.sensitivity import parts_pattern
+    from export.tflite import DEFAULT_INT8_KEEP_FLOAT
+
+    module, variables, cfg, x, _, calib = _setup("mobilenetv2", photos)
+    res = to_tflite(module, variables, cfg=cfg, quantization="int8", representative_data=calib, verify_data=x,
+                    calibration="percentile", int8_keep_float=parts_pattern(("stages_5", "stages_6"),
+                                                                            DEFAULT_INT8_KEEP_FLOAT), progress=False)
+    v = res.verification
+    print(f"\nmobilenetv2 int8, stages 5-6 float: {v.summary()}\n  {res.delegate.summary()}")
+    assert v.top1_agreement >= 0.95 and v.sqnr_db >= 24
+    assert len(res.ops.float_islands) == 1 and res.delegate.partitions == 1 and not res.delegate.not_delegated
+    assert "/stages_5/" in res.metadata["int8_keep_float"]

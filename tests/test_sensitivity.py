@@ -8,7 +8,7 @@ import pytest
 from planted import HW, planted_nets
 
 from export import to_tflite
-from export.sensitivity import BASELINE, _check_parts, int8_sensitivity, markdown, model_parts
+from export.sensitivity import BASELINE, check_parts, int8_sensitivity, markdown, model_parts
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +71,9 @@ def test_a_given_baseline_stands_in_for_the_first_export(nets, monkeypatch):
 
 def test_a_part_named_like_a_nested_module_is_refused():
     variables = {"params": {"head": {"kernel": np.zeros(2)}, "body": {"head": {"kernel": np.zeros(2)}}}}
-    assert _check_parts(("body/head",), ("body", "head"), variables) == ("body/head",)
+    assert check_parts(("body/head",), ("body", "head"), variables) == ("body/head",)
     with pytest.raises(ValueError, match=r"part 'head' also names a nested module \(body/head\)"):
-        _check_parts(("head",), ("body", "head"), variables)
+        check_parts(("head",), ("body", "head"), variables)
 
 
 @pytest.mark.parametrize("kwargs, match", [
