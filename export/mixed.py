@@ -33,7 +33,8 @@ import numpy as np
 
 from export.errors import ExportParityError
 from export.sensitivity import PartSensitivity, int8_sensitivity, parts_pattern
-from export.tflite import DEFAULT_INT8_KEEP_FLOAT, ExportResult, _resolve_model, _write_atomic, to_tflite
+from export.tflite import (DEFAULT_INT8_KEEP_FLOAT, ExportResult, _check_out, _resolve_model, _write_atomic,
+                           to_tflite)
 
 DEFAULT_MAX_FLOAT_PARTS = 3
 
@@ -77,6 +78,7 @@ def mixed_int8(model_or_module, variables=None, *, representative_data, verify_d
     if representative_data is None or verify_data is None:
         raise ValueError("mixed_int8 needs representative_data (calibration) and verify_data (the inputs the target "
                          "is measured on)")
+    path = _check_out(out)  # before the exports: a bad path fails now, not after them
     module, variables, cfg, _, name = _resolve_model(model_or_module, variables, cfg, None,
                                                      export_options.pop("name", None), progress)
     x = np.asarray(verify_data)
@@ -92,12 +94,11 @@ def mixed_int8(model_or_module, variables=None, *, representative_data, verify_d
                          int8_keep_float=parts_pattern(kept, DEFAULT_INT8_KEEP_FLOAT), **export_options)
 
     def done(res: ExportResult, kept, ranking, tried) -> MixedInt8:
-        if out is not None:
+        if path is not None:
             import json
 
             from export.metadata import sidecar_path
 
-            path = Path(out)
             _write_atomic(sidecar_path(path), json.dumps(res.metadata, indent=1).encode())
             _write_atomic(path, res.content)
             res = dataclasses.replace(res, path=path)

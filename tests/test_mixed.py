@@ -56,6 +56,7 @@ def test_an_unreachable_target_names_every_try_and_writes_nothing(nets, tmp_path
     (dict(min_sqnr_db=20, max_float_parts=0), "positive int"),
     (dict(min_sqnr_db=20, quantization="int8"), "chooses quantization"),
     (dict(min_sqnr_db=20, representative_data=None), "needs representative_data"),
+    (dict(min_sqnr_db=20, out="."), "is a directory"),
 ])
 def test_bad_arguments_name_the_problem(nets, kwargs, match):
     module, clean, _, calib, x = nets
