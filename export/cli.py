@@ -56,6 +56,8 @@ def add_commands(sub) -> None:
                         "and/or --min-sqnr on --verify (or the first "
                         f"{SENSITIVITY_VERIFY} calibration inputs) (export.mixed)")
     p.add_argument("--min-sqnr", type=float, metavar="DB", help="with --keep-float auto: the output SQNR to reach")
+    p.add_argument("--max-float-parts", type=int, default=3, metavar="N",
+                   help="with --keep-float auto: keep at most N parts float (default 3)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(run=_cmd_export)
 
@@ -125,7 +127,8 @@ def _cmd_export(args) -> int:
         if auto:
             from export.mixed import mixed_int8
 
-            mixed = mixed_int8(model, min_agreement=args.min_agreement, min_sqnr_db=args.min_sqnr, out=out, **options)
+            mixed = mixed_int8(model, min_agreement=args.min_agreement, min_sqnr_db=args.min_sqnr, out=out,
+                               max_float_parts=args.max_float_parts, **options)
             res = mixed.export
             print(f"kept float: {', '.join(mixed.kept_float) or 'nothing (all int8 meets the target)'}")
         else:

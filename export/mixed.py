@@ -130,4 +130,4 @@ def mixed_int8(model_or_module, variables=None, *, representative_data, verify_d
     figures = "; ".join(f"{', '.join(k) or 'all int8'}: {s:.2f} dB, {a:.1%}" for k, s, a in tried)
     raise ExportParityError(f"no int8 export of {name} with up to {max_float_parts} float part(s) meets {target} on "
                             f"{len(x)} input(s) ({figures}); raise max_float_parts, lower the target, or train "
-                            "quantization-aware (compress.qat)" + (f"; nothing was written to {out}" if out else ""))
+                            "quantization-aware (compress.qat)")
