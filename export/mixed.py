@@ -9,6 +9,7 @@ float, one more at a time, until the export agrees with JAX as well as asked.
                      calibration="percentile")
     res.kept_float          # ("stages_5", "stages_6") on the export test's photo crops
     res.export.summary()    # the written file: ops, float islands, XNNPACK partitions, parity with JAX
+    res.all_int8            # the full-int8 export it started from, for comparison
 
 The all-int8 export comes first; if it meets the target, nothing stays float. Otherwise the parts are ranked by the
 SQNR each gains when kept float (`int8_sensitivity`, one export per part), and the parts that gain are kept float in
@@ -45,6 +46,7 @@ class MixedInt8:
     kept_float: tuple[str, ...]  # the parts kept float, most sensitive first; () when all-int8 met the target
     ranking: list[PartSensitivity] = field(repr=False)  # int8_sensitivity's rows; [] when all-int8 met the target
     tried: list[tuple[tuple[str, ...], float, float]] = field(repr=False)  # (float parts, SQNR dB, agreement)
+    all_int8: ExportResult = field(repr=False)  # the first export, nothing kept float (`export` itself when it met)
 
 
 def meets(verification, min_agreement: float | None, min_sqnr_db: float | None) -> bool:
@@ -93,7 +95,7 @@ def mixed_int8(model_or_module, variables=None, *, representative_data, verify_d
                          verify_data=x, cfg=cfg, name=name, progress=False,
                          int8_keep_float=parts_pattern(kept, DEFAULT_INT8_KEEP_FLOAT), **export_options)
 
-    def done(res: ExportResult, kept, ranking, tried) -> MixedInt8:
+    def done(res: ExportResult, kept, ranking, tried, base: ExportResult) -> MixedInt8:
         if path is not None:
             import json
 
@@ -104,7 +106,7 @@ def mixed_int8(model_or_module, variables=None, *, representative_data, verify_d
             res = dataclasses.replace(res, path=path)
         say(f"{name}: {'all int8' if not kept else ', '.join(kept) + ' kept float'} meets {target}"
             + (f"; wrote {out}" if out is not None else ""))
-        return MixedInt8(res, tuple(kept), ranking, tried)
+        return MixedInt8(res, tuple(kept), ranking, tried, base)
 
     say(f"{name}: looking for the int8 export with the fewest float parts that meets {target}")
     base = export(())
@@ -112,7 +114,7 @@ def mixed_int8(model_or_module, variables=None, *, representative_data, verify_d
     tried = [((), round(v.sqnr_db, 2), round(v.top1_agreement, 4))]
     say(f"all int8: SQNR {v.sqnr_db:.2f} dB, top-1 agreement {v.top1_agreement:.1%}")
     if meets(v, min_agreement, min_sqnr_db):
-        return done(base, (), [], tried)
+        return done(base, (), [], tried, base)
     ranking = int8_sensitivity(module, variables, representative_data=representative_data, verify_data=x,
                                parts=parts, cfg=cfg, name=name, baseline=base, progress=progress, **export_options)
     order = [r for r in ranking[1:] if r.gain_db > 0]
@@ -126,7 +128,7 @@ def mixed_int8(model_or_module, variables=None, *, representative_data, verify_d
         tried.append((kept, round(v.sqnr_db, 2), round(v.top1_agreement, 4)))
         say(f"{', '.join(kept)} float: SQNR {v.sqnr_db:.2f} dB, top-1 agreement {v.top1_agreement:.1%}")
         if meets(v, min_agreement, min_sqnr_db):
-            return done(res, kept, ranking, tried)
+            return done(res, kept, ranking, tried, base)
     figures = "; ".join(f"{', '.join(k) or 'all int8'}: {s:.2f} dB, {a:.1%}" for k, s, a in tried)
     raise ExportParityError(f"no int8 export of {name} with up to {max_float_parts} float part(s) meets {target} on "
                             f"{len(x)} input(s) ({figures}); raise max_float_parts, lower the target, or train "

@@ -25,6 +25,7 @@ def test_the_planted_part_stays_float_and_the_file_records_it(nets, tmp_path):
     assert res.kept_float == ("body_1",) and res.export.path == out
     assert res.export.verification.sqnr_db >= 30 and len(res.export.ops.float_islands) == 1
     assert [k for k, _, _ in res.tried] == [(), ("body_1",)] and res.tried[0][1] < 10
+    assert not res.all_int8.ops.float_islands and round(res.all_int8.verification.sqnr_db, 2) == res.tried[0][1]
     assert res.ranking[1].part == "body_1"
     meta = read_metadata(out)  # the sidecar describes these bytes, float pattern included
     assert "/body_1/" in meta["int8_keep_float"] and meta["quantization"] == "int8"
@@ -35,7 +36,7 @@ def test_all_int8_is_kept_when_it_meets_the_target(nets):
     module, clean, _, calib, x = nets
     res = mixed_int8(module, clean, representative_data=calib, verify_data=x, min_sqnr_db=30, min_agreement=0.9,
                      **OPTIONS)
-    assert res.kept_float == () and res.ranking == [] and len(res.tried) == 1
+    assert res.kept_float == () and res.ranking == [] and len(res.tried) == 1 and res.all_int8 is res.export
     assert res.export.verification.sqnr_db >= 30 and not res.export.ops.float_islands
 
 
