@@ -40,7 +40,8 @@ def _finite(obj):
 
 def build(*, name: str, cfg, labels, quantization: str, int8_io: bool, batch: int, input_hw: tuple[int, int],
           ops, verification, content: bytes, versions: dict, calibration: str | None = None,
-          bias_correction: bool = False, equalization: bool = False, int8_keep_float: str | None = None) -> dict:
+          bias_correction: bool = False, equalization: bool = False, int8_keep_float: str | None = None,
+          int8_split_top_row: str | None = None) -> dict:
     """The sidecar dictionary of one export (`ops`: OpsReport, `verification`: VerifyReport)."""
     inp, out = ops.inputs[0], ops.outputs[0]
     return {
@@ -65,6 +66,7 @@ def build(*, name: str, cfg, labels, quantization: str, int8_io: bool, batch: in
         "bias_correction": bias_correction,  # int8-grid kernels with corrected biases (compress.bias_correction)
         "equalization": equalization,  # channel scales moved for per-tensor int8 ranges (compress.equalize)
         "int8_keep_float": int8_keep_float,  # regex over module paths whose ops an int8 export kept float
+        "int8_split_top_row": int8_split_top_row,  # stages whose residual stream was split by rows (export.row_split)
         "input": inp.as_dict(),
         "output": out.as_dict(),
         "size_bytes": len(content),

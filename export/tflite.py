@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from export import calibration as calib_io
-from export import metadata, ops_report, verify
+from export import metadata, ops_report, row_split, verify
 from export.errors import ExportError, UnsupportedOpsError
 from export.rewrites import INT8_ACTIVATIONS
 
@@ -382,6 +382,7 @@ def to_tflite(
     min_agreement: float | None = None,
     int8_friendly_activations: bool = True,
     int8_keep_float: str | None = DEFAULT_INT8_KEEP_FLOAT,
+    int8_split_top_row: str | None = None,
     calibration: str | RangeHook = "minmax",
     dynamic_float_depthwise: bool = True,
     bias_correction: bool = True,
@@ -417,6 +418,9 @@ def to_tflite(
         (see `export.rewrites`); False keeps the HARD_SWISH op.
     int8_keep_float: regex over module paths (e.g. "/attn/") whose ops stay float in an "int8" export (float
         islands, reported); default: LayerNorm and attention of transformer blocks. None quantizes everything.
+    int8_split_top_row: for "int8", a regex over module paths (e.g. "stages_5/") of inverted-residual blocks whose
+        residual stream is carried as two int8 tensors, first row and other rows, each with its own scale: the same
+        function, for streams whose outliers sit on the border (see `export.row_split`; MobileNetV2: "stages_5/").
     calibration: for "int8", how activation ranges are set from `representative_data`: "minmax" (the converter's
         observed min/max), "percentile" (clip the 0.01% tails) or "mse" (the range minimizing each tensor's int8
         quantization error), see `compress.ptq_ranges`; or a callable rewriting the calibrated flatbuffer.
@@ -441,6 +445,10 @@ def to_tflite(
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     ranges = resolve_calibration(calibration, q)
+    if int8_split_top_row is not None:
+        if q != "int8":
+            raise ValueError(f"int8_split_top_row is an int8 rewrite; quantization is {q!r}")
+        row_split.check_pattern(int8_split_top_row)
     out_path = _check_out(out)
 
     module, variables, cfg, labels, name = _resolve_model(model_or_module, variables, cfg, labels, name, progress)
@@ -490,8 +498,10 @@ def to_tflite(
         prog.stage("bias", f"correcting biases for int8 weights on {len(calib)} inputs")
         export_variables = _bias_corrected(module, export_variables, calib, q, keep)
     acts = INT8_ACTIVATIONS if (q == "int8" and int8_friendly_activations) else None
-    holder, concrete = trace_concrete_function(lambda v, x: module.apply(v, x, train=False), export_variables,
-                                               shape, activations=acts, params=params)
+    apply = lambda v, x: module.apply(v, x, train=False)  # noqa: E731
+    if int8_split_top_row is not None:
+        apply, acts = row_split.split_apply(apply, int8_split_top_row, acts)
+    holder, concrete = trace_concrete_function(apply, export_variables, shape, activations=acts, params=params)
     prog.stage("convert", f"converting to TFLite ({q}" + (f", calibrating on {len(calib)} inputs" if q == "int8"
                                                           else "") + ")")
     content = _convert(tf, holder, concrete, q, calib, batch, int8_io, allow_flex, progress, keep, ranges)
@@ -523,7 +533,8 @@ def to_tflite(
                           input_hw=hw, ops=report, verification=result, content=content,
                           versions=_versions(stablehlo_versions()["target"]),
                           calibration=_calibration_name(calibration) if q == "int8" else None,
-                          bias_correction=corrected, equalization=equalized, int8_keep_float=keep)
+                          bias_correction=corrected, equalization=equalized, int8_keep_float=keep,
+                          int8_split_top_row=int8_split_top_row)
     if out_path is not None:
         prog.stage("write", f"writing {out_path}")
         import json
