@@ -18,20 +18,20 @@ Dynamic-range and int8 exports get the calibration crops (32 other crops, 40-100
 data, which also turns on bias correction (`compress.bias_correction`); int8 exports also equalize activation ranges
 across ReLU/ReLU6 (`compress.equalize`) and set ranges by the "percentile" method. fp16 and dynamic must agree with
 JAX on top-1 for >= 95% of all crops (measured with bias correction: dynamic 95.3-98.4% over the five families;
-without it MobileNetV2 reached 92.2%). Full int8 with real weights: EfficientNet-Lite0 must agree on >= 95% of all
-crops (measured 96.9%). MobileNetV2 int8 does not reach that bar: 89.1% here (SQNR 20.3 dB; 87.5% and 18.7 dB without
-equalization), every flip at a near-tie (JAX margin < 0.75) while the 32 crops JAX decides by a margin >= 1
-(`export.verify.DECISIVE_MARGIN`) all agree. Its remaining error is per-tensor activation rounding, largest in the
-residual streams of the last stages (simulated: 16.8 dB of logit SQNR from activations alone, 25.6 dB if they were
-per-channel), so the test holds it to the decisive crops, an 85% floor and 19.5 dB (18.7 dB without equalization, so the
-bound also holds that pass to its gain). With stages 5-6 kept float (not full int8: the parts `export.mixed` keeps for a
-95% target) it reaches 95.3% and 24.5 dB, which a test of its own holds it to. Random-weight families have few decisive
-crops (their margins are set by the head's scale), so they are judged by output SQNR and agreement floors for int8: >= 8
-dB and 60% (measured 10-15 dB, 70-83%), because random features separate the photos by less than post-training int8
-noise: on the same crops the JAX models themselves tell the photos apart only 72-84% of the time. The random-weight
-classifier is also harder to quantize than trained weights: built the same way for the two architectures that have real
-weights (128x128, the same crops, percentile ranges), its full-int8 logits SQNR is 13.4 dB (MobileNetV2) and 12.4 dB
-(EfficientNet-Lite0), where their real weights give 18.5 and 21.3 dB.
+without it MobileNetV2 reached 92.2%). Full int8 with real weights must agree on >= 95% of all crops too:
+EfficientNet-Lite0 measured 96.9%; MobileNetV2 96.9% (SQNR 22.1 dB) with its stage-5 residual stream carried as
+first row + other rows (`export.row_split`: the same function, 17 more small int8 ops, one XNNPACK partition; held
+to >= 21.5 dB too). Exported plainly it reaches only 89.1% (20.3 dB; 87.5% and 18.7 dB without equalization): every
+large value of that stream (up to 34.5 at an RMS of 0.75) lies in the first row of its 7x7 map, so one int8 scale
+for the whole tensor rounds the other rows coarsely. Keeping stages 5-6 float instead (not full int8: the parts
+`export.mixed` keeps for a 95% target) gives 95.3% and 24.5 dB, which a test of its own holds it to.
+Random-weight families have few decisive crops (their margins are set by the head's scale), so they are judged by
+output SQNR and agreement floors for int8: >= 8 dB and 60% (measured 10-15 dB, 70-83%), because random features
+separate the photos by less than post-training int8 noise: on the same crops the JAX models themselves tell the
+photos apart only 72-84% of the time. The random-weight classifier is also harder to quantize than trained weights:
+built the same way for the two architectures that have real weights (128x128, the same crops, percentile ranges), its
+full-int8 logits SQNR is 13.4 dB (MobileNetV2) and 12.4 dB (EfficientNet-Lite0), where their real weights give 18.5
+and 21.3 dB.
 """
 
 from __future__ import annotations
@@ -151,6 +151,8 @@ FAMILIES = {
     "mobilevit": ("mobilevit_xxs", "random", 128),
 }
 _SETUPS: dict = {}
+# int8 exports carry these stages' residual streams as first row + other rows (export.row_split, module doc)
+INT8_SPLIT_TOP_ROW = {"mobilenetv2": "stages_5/"}
 
 
 def _setup(family: str, photos):
@@ -181,6 +183,7 @@ def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_
     kwargs = {"representative_data": calib} if quantization != "fp16" else {}  # with bias correction (module doc)
     if quantization == "int8":
         kwargs["calibration"] = "percentile"
+        kwargs["int8_split_top_row"] = INT8_SPLIT_TOP_ROW.get(family)
     res = to_tflite(module, variables, cfg=cfg, quantization=quantization, verify_data=x,
                     verify_labels=labels if weights == "random" else None, progress=False, **kwargs)
     v = res.verification
@@ -190,11 +193,11 @@ def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_
     assert res.metadata["equalization"] == (quantization == "int8")
     # one XNNPACK partition in every mode: int8 hard-swish rewritten, dynamic-range depthwise weights kept float
     assert res.delegate.partitions == 1 and not res.delegate.not_delegated
-    if quantization != "int8" or family == "efficientnet_lite":
+    if quantization != "int8" or weights == "pretrained":
         assert v.top1_agreement >= 0.95
-    elif weights == "pretrained":  # MobileNetV2 int8 misses the 95% bar on all crops (module doc)
-        assert v.num_decisive >= 16 and v.decisive_agreement >= 0.95
-        assert v.top1_agreement >= 0.85 and v.sqnr_db >= 19.5
+        if family in INT8_SPLIT_TOP_ROW and quantization == "int8":  # (module doc)
+            assert v.sqnr_db >= 21.5 and res.metadata["int8_split_top_row"] == INT8_SPLIT_TOP_ROW[family]
+            assert res.ops.ops.get("SLICE", 0) >= 6 and res.ops.ops.get("CONCATENATION", 0) >= 3
     else:  # random weights: margins are set by the head's scale, so judge by SQNR and agreement floors (module doc)
         assert v.decisive_agreement in (None, 1.0) or v.decisive_agreement >= 0.95
         assert v.top1_agreement >= 0.6 and v.sqnr_db >= 8
