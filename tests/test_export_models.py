@@ -21,7 +21,8 @@ JAX on top-1 for >= 95% of all crops (measured with bias correction: dynamic 95.
 without it MobileNetV2 reached 92.2%). Full int8 with real weights must agree on >= 95% of all crops too:
 EfficientNet-Lite0 measured 96.9%; MobileNetV2 96.9% (SQNR 22.1 dB) with its stage-5 residual stream carried as
 first row + other rows (`export.row_split`: the same function, 17 more small int8 ops, one XNNPACK partition; held
-to >= 21.5 dB too). Exported plainly it reaches only 89.1% (20.3 dB; 87.5% and 18.7 dB without equalization): every
+to >= 21.5 dB too). Every int8 export here asks for that split with "auto", which must choose stage 5 of MobileNetV2
+and nothing in the other families. Exported plainly it reaches only 89.1% (20.3 dB; 87.5% and 18.7 dB without equalization): every
 large value of that stream (up to 34.5 at an RMS of 0.75) lies in the first row of its 7x7 map, so one int8 scale
 for the whole tensor rounds the other rows coarsely. Keeping stages 5-6 float instead (not full int8: the parts
 `export.mixed` keeps for a 95% target) gives 95.3% and 24.5 dB, which a test of its own holds it to.
@@ -151,7 +152,7 @@ FAMILIES = {
     "mobilevit": ("mobilevit_xxs", "random", 128),
 }
 _SETUPS: dict = {}
-# int8 exports carry these stages' residual streams as first row + other rows (export.row_split, module doc)
+# the stages whose residual streams int8 exports carry as first row + other rows ("auto", export.row_split)
 INT8_SPLIT_TOP_ROW = {"mobilenetv2": "stages_5/"}
 
 
@@ -183,7 +184,7 @@ def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_
     kwargs = {"representative_data": calib} if quantization != "fp16" else {}  # with bias correction (module doc)
     if quantization == "int8":
         kwargs["calibration"] = "percentile"
-        kwargs["int8_split_top_row"] = INT8_SPLIT_TOP_ROW.get(family)
+        kwargs["int8_split_top_row"] = "auto"
     res = to_tflite(module, variables, cfg=cfg, quantization=quantization, verify_data=x,
                     verify_labels=labels if weights == "random" else None, progress=False, **kwargs)
     v = res.verification
@@ -196,8 +197,10 @@ def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_
     if quantization != "int8" or weights == "pretrained":
         assert v.top1_agreement >= 0.95
         if family in INT8_SPLIT_TOP_ROW and quantization == "int8":  # (module doc)
-            assert v.sqnr_db >= 21.5 and res.metadata["int8_split_top_row"] == INT8_SPLIT_TOP_ROW[family]
+            assert v.sqnr_db >= 21.5
             assert res.ops.ops.get("SLICE", 0) >= 6 and res.ops.ops.get("CONCATENATION", 0) >= 3
+    if quantization == "int8":
+        assert res.metadata["int8_split_top_row"] == INT8_SPLIT_TOP_ROW.get(family)
     else:  # random weights: margins are set by the head's scale, so judge by SQNR and agreement floors (module doc)
         assert v.decisive_agreement in (None, 1.0) or v.decisive_agreement >= 0.95
         assert v.top1_agreement >= 0.6 and v.sqnr_db >= 8
