@@ -218,13 +218,16 @@ def test_cli_export_bench_and_predict(photos, tmp_path, capsys):
     assert "| head |" in (tmp_path / "m8.sensitivity.md").read_text()
     assert main(["export", "--model", SMALL, "--random-weights", "-q", "fp16", "--sensitivity"]) == 2
     assert "--sensitivity ranks" in capsys.readouterr().err
+    assert main(["export", "--model", SMALL, "--random-weights", "-q", "fp16", "--split-top-row", "auto"]) == 2
+    assert "full-int8 rewrite" in capsys.readouterr().err
 
     # parts kept float by name, or as few as a target needs (export.mixed)
     int8 = ["export", "--model", SMALL, "--random-weights", "--input-size", "64", "64", "-q", "int8",
             "--calibration", str(folder), "--no-equalization", "--no-bias-correction", "--out", str(out8), "--quiet"]
-    assert main(int8 + ["--keep-float", "head"]) == 0
+    assert main(int8 + ["--keep-float", "head", "--split-top-row", "stages_[34]/"]) == 0  # with rows split too
     assert "/head/" in read_metadata(out8)["int8_keep_float"] and read_metadata(out8)["float_islands"]
-    capsys.readouterr()
+    assert read_metadata(out8)["int8_split_top_row"] == "stages_[34]/"
+    assert "split by rows: stages_[34]/" in capsys.readouterr().out
     assert main(int8 + ["--keep-float", "auto", "--min-sqnr", "0"]) == 0  # all int8 meets it
     assert "kept float: nothing" in capsys.readouterr().out and not read_metadata(out8)["float_islands"]
     for extra, message in [(["--keep-float", "auto"], "needs a target"),
