@@ -1,5 +1,6 @@
-"""What keeping the most int8-sensitive parts float buys and costs: fp32, full int8 and mixed int8 (`export.mixed`)
-of one model with real weights, verified on photo crops and timed in LiteRT + XNNPACK in the same rounds.
+"""What the int8 remedies buy and cost: fp32, full int8, full int8 with border-heavy residual streams split by rows
+(`export.row_split`, "auto") and mixed int8 (`export.mixed`) of one model with real weights, verified on photo crops
+and timed in LiteRT + XNNPACK in the same rounds.
 
     ZOO_OFFLINE=1 python bench/mixed_int8.py                              # mobilenet_v2, ~9 min on 2 cores
     ZOO_OFFLINE=1 python bench/mixed_int8.py --model tf_efficientnet_lite0 --min-agreement 0.97
@@ -26,7 +27,7 @@ PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 @dataclass(frozen=True)
 class Row:
     model: str
-    variant: str  # fp32, int8, mixed int8
+    variant: str  # fp32, int8, int8 rows split (the stages split), mixed int8
     kept_float: str  # parts kept float ("-" for fp32)
     sqnr_db: float  # logits against JAX on the verify crops
     top1_agreement: float
@@ -76,7 +77,10 @@ def main(argv=None) -> int:
     fp32 = to_tflite(model, quantization="fp32", verify_data=x, progress=False)
     mixed = mixed_int8(model, min_agreement=args.min_agreement, **options)  # full int8 is its first export
     int8 = mixed.all_int8
+    split = to_tflite(model, quantization="int8", int8_split_top_row="auto", min_agreement=0.0, progress=False,
+                      **options)
     variants = {"fp32": (fp32, "-"), "int8": (int8, "none"),
+                f"int8 rows split ({split.metadata['int8_split_top_row'] or 'no stage'})": (split, "none"),
                 "mixed int8": (mixed.export, ", ".join(mixed.kept_float) or "none")}
     times = latency.benchmark_many({k: r.content for k, (r, _) in variants.items()}, (1, 2), runs=200, warmup=5,
                                    budget_s=args.budget)

@@ -22,9 +22,9 @@ without it MobileNetV2 reached 92.2%). Full int8 with real weights must agree on
 EfficientNet-Lite0 measured 96.9%; MobileNetV2 96.9% (SQNR 22.1 dB) with its stage-5 residual stream carried as
 first row + other rows (`export.row_split`: the same function, 17 more small int8 ops, one XNNPACK partition; held
 to >= 21.5 dB too). Every int8 export here asks for that split with "auto", which must choose stage 5 of MobileNetV2
-and nothing in the other families. Exported plainly it reaches only 89.1% (20.3 dB; 87.5% and 18.7 dB without equalization): every
-large value of that stream (up to 34.5 at an RMS of 0.75) lies in the first row of its 7x7 map, so one int8 scale
-for the whole tensor rounds the other rows coarsely. Keeping stages 5-6 float instead (not full int8: the parts
+and nothing in the other families. Exported plainly, MobileNetV2 reaches only 89.1% (20.3 dB; 87.5% and 18.7 dB
+without equalization): every large value of that stream (up to 34.5 at an RMS of 0.75) lies in the first row of its
+7x7 map, so one int8 scale for the whole tensor rounds the other rows coarsely. Keeping stages 5-6 float instead (not full int8: the parts
 `export.mixed` keeps for a 95% target) gives 95.3% and 24.5 dB, which a test of its own holds it to.
 Random-weight families have few decisive crops (their margins are set by the head's scale), so they are judged by
 output SQNR and agreement floors for int8: >= 8 dB and 60% (measured 10-15 dB, 70-83%), because random features

@@ -24,7 +24,8 @@ def _model(name: str):
     return module, calibrate_batch_stats(module, random_variables(module, shape), x), x
 
 
-@pytest.mark.parametrize("name,pattern", [("mobilenetv2_050", "stages_[45]/"), ("mobilenetv3_large_100", "stages_[345]/")])
+@pytest.mark.parametrize("name,pattern", [("mobilenetv2_050", "stages_[45]/"),
+                                          ("mobilenetv3_large_100", "stages_[345]/")])
 def test_the_split_model_computes_the_same_function(name, pattern):
     """ReLU6 and hard-swish blocks, with and without squeeze-excite (it sees the joined map)."""
     module, variables, x = _model(name)
