@@ -1,8 +1,8 @@
 """What the int8 remedies buy and cost: fp32, full int8, full int8 with border-heavy residual streams split by rows
-(`export.row_split`, "auto") and mixed int8 (`export.mixed`) of one model with real weights, verified on photo crops
-and timed in LiteRT + XNNPACK in the same rounds.
+(`export.row_split`, "auto", the default) and mixed int8 (`export.mixed`, without the split) of one model with real
+weights, verified on photo crops and timed in LiteRT + XNNPACK in the same rounds.
 
-    ZOO_OFFLINE=1 python bench/mixed_int8.py                              # mobilenet_v2, ~9 min on 2 cores
+    ZOO_OFFLINE=1 python bench/mixed_int8.py                              # mobilenet_v2, ~7 min on 2 cores
     ZOO_OFFLINE=1 python bench/mixed_int8.py --model tf_efficientnet_lite0 --min-agreement 0.97
 
 Data: the crops of tests/test_export_models.py (scikit-image's chelsea, coffee, astronaut and rocket; 64 verify
@@ -75,10 +75,10 @@ def main(argv=None) -> int:
     options = dict(representative_data=calib, verify_data=x, calibration="percentile")
     print(f"{args.model}: fp32", file=sys.stderr, flush=True)
     fp32 = to_tflite(model, quantization="fp32", verify_data=x, progress=False)
-    mixed = mixed_int8(model, min_agreement=args.min_agreement, **options)  # full int8 is its first export
+    plain = {**options, "int8_split_top_row": None}  # int8 and mixed int8 without the row split
+    mixed = mixed_int8(model, min_agreement=args.min_agreement, **plain)  # full int8 is its first export
     int8 = mixed.all_int8
-    split = to_tflite(model, quantization="int8", int8_split_top_row="auto", min_agreement=0.0, progress=False,
-                      **options)
+    split = to_tflite(model, quantization="int8", min_agreement=0.0, progress=False, **options)  # "auto": the default
     variants = {"fp32": (fp32, "-"), "int8": (int8, "none"),
                 f"int8 rows split ({split.metadata['int8_split_top_row'] or 'no stage'})": (split, "none"),
                 "mixed int8": (mixed.export, ", ".join(mixed.kept_float) or "none")}

@@ -33,11 +33,11 @@ def add_commands(sub) -> None:
     p.add_argument("--no-equalization", action="store_true",
                    help="int8: keep the channel scales as they are (default: scales moved across ReLU/ReLU6 into the "
                         "BatchNorm before them, so activation channels share their per-tensor int8 range better)")
-    p.add_argument("--split-top-row", metavar="STAGES|auto",
+    p.add_argument("--split-top-row", metavar="STAGES|auto|none", default="auto",
                    help="int8: carry these stages' residual streams (a regex over module paths, e.g. stages_5/) as "
-                        "two int8 tensors, first row and other rows, each with its own scale; 'auto': the stages whose "
-                        "first row is >= 3x larger than the others on the calibration data (export.row_split; "
-                        "MobileNetV2: 89%% -> 97%% top-1 agreement)")
+                        "two int8 tensors, first row and other rows, each with its own scale; 'auto' (default): the "
+                        "stages whose first row is >= 3x larger than the others on the calibration data; 'none': no "
+                        "split (export.row_split; MobileNetV2: 89%% -> 97%% top-1 agreement)")
     p.add_argument("--verify", metavar="DATA", help="verify on these inputs (folder or .npy; default: 8 calibration "
                    "inputs for int8, else 8 random inputs)")
     p.add_argument("--min-agreement", type=float, metavar="FRAC",
@@ -112,8 +112,9 @@ def _cmd_export(args) -> int:
         raise ValueError("--sensitivity ranks the parts of a full-int8 export: use it with --quantization int8")
     if args.calibration and args.quantization not in ("int8", "dynamic"):
         raise ValueError("--calibration is only used with --quantization int8 or dynamic")
-    if args.split_top_row and args.quantization != "int8":
+    if args.split_top_row not in ("auto", "none") and args.quantization != "int8":
         raise ValueError("--split-top-row is a full-int8 rewrite: use it with --quantization int8")
+    split = None if args.split_top_row == "none" else args.split_top_row
     _check_keep_float(args)
     model = _load_model(args)
     hw = tuple(args.input_size) if args.input_size else tuple(model.cfg.input_size)
@@ -130,7 +131,7 @@ def _cmd_export(args) -> int:
                    allow_flex=args.allow_flex, verify_data=vdata, progress=not args.quiet,
                    bias_correction=not args.no_bias_correction, equalization=not args.no_equalization,
                    **({"calibration": args.calibration_method} if args.quantization == "int8" else {}),
-                   **({"int8_split_top_row": args.split_top_row} if args.split_top_row else {}))
+                   int8_split_top_row=split)
     try:
         if auto:
             from export.mixed import mixed_int8
@@ -149,7 +150,7 @@ def _cmd_export(args) -> int:
         return 1
     if args.quiet:
         print(res.summary())
-    if args.split_top_row:
+    if args.quantization == "int8":
         print(f"split by rows: {res.metadata['int8_split_top_row'] or 'no stage (none has a border-heavy stream)'}")
     print(f"wrote {res.path} and {res.path}.json")
     if args.sensitivity:
@@ -186,7 +187,7 @@ def _sensitivity(model, calib, vdata, hw, out, args, baseline) -> None:
                             input_hw=hw, batch=args.batch, int8_io=args.int8_io, allow_flex=args.allow_flex,
                             calibration=args.calibration_method, bias_correction=not args.no_bias_correction,
                             equalization=not args.no_equalization, progress=not args.quiet,
-                            int8_split_top_row=args.split_top_row)
+                            int8_split_top_row=None if args.split_top_row == "none" else args.split_top_row)
     stem = str(out).removesuffix(".tflite")
     report(markdown(rows), rows, PartSensitivity, csv_path=f"{stem}.sensitivity.csv", md_path=f"{stem}.sensitivity.md")
 

@@ -382,7 +382,7 @@ def to_tflite(
     min_agreement: float | None = None,
     int8_friendly_activations: bool = True,
     int8_keep_float: str | None = DEFAULT_INT8_KEEP_FLOAT,
-    int8_split_top_row: str | None = None,
+    int8_split_top_row: str | None = "auto",
     calibration: str | RangeHook = "minmax",
     dynamic_float_depthwise: bool = True,
     bias_correction: bool = True,
@@ -421,8 +421,9 @@ def to_tflite(
     int8_split_top_row: for "int8", a regex over module paths (e.g. "stages_5/") of inverted-residual blocks whose
         residual stream is carried as two int8 tensors, first row and other rows, each with its own scale: the same
         function, for streams whose outliers sit on the border (see `export.row_split`; MobileNetV2: "stages_5/").
-        "auto": the stages whose stream's first row is >= 3x larger than its other rows on `representative_data`
-        (none: no split); the sidecar records the stages chosen.
+        "auto" (the default): the stages whose stream's first row is >= 3x larger than its other rows on
+        `representative_data` (often none: no split; never for a quantization-aware model); None: no split. The
+        sidecar records the stages split.
     calibration: for "int8", how activation ranges are set from `representative_data`: "minmax" (the converter's
         observed min/max), "percentile" (clip the 0.01% tails) or "mse" (the range minimizing each tensor's int8
         quantization error), see `compress.ptq_ranges`; or a callable rewriting the calibrated flatbuffer.
@@ -447,11 +448,10 @@ def to_tflite(
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     ranges = resolve_calibration(calibration, q)
-    if int8_split_top_row is not None:
+    if int8_split_top_row not in (None, "auto"):
         if q != "int8":
             raise ValueError(f"int8_split_top_row is an int8 rewrite; quantization is {q!r}")
-        if int8_split_top_row != "auto":
-            row_split.check_pattern(int8_split_top_row)
+        row_split.check_pattern(int8_split_top_row)
     out_path = _check_out(out)
 
     module, variables, cfg, labels, name = _resolve_model(model_or_module, variables, cfg, labels, name, progress)
@@ -501,7 +501,8 @@ def to_tflite(
         prog.stage("bias", f"correcting biases for int8 weights on {len(calib)} inputs")
         export_variables = _bias_corrected(module, export_variables, calib, q, keep)
     if int8_split_top_row == "auto":  # not for a quantization-aware model: it trained its own quantization points
-        int8_split_top_row = None if trained else row_split.border_heavy_stages(module, export_variables, calib)
+        auto = q == "int8" and not trained
+        int8_split_top_row = row_split.border_heavy_stages(module, export_variables, calib) if auto else None
     acts = INT8_ACTIVATIONS if (q == "int8" and int8_friendly_activations) else None
     apply = lambda v, x: module.apply(v, x, train=False)  # noqa: E731
     if int8_split_top_row is not None:

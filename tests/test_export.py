@@ -218,7 +218,7 @@ def test_cli_export_bench_and_predict(photos, tmp_path, capsys):
     assert "| head |" in (tmp_path / "m8.sensitivity.md").read_text()
     assert main(["export", "--model", SMALL, "--random-weights", "-q", "fp16", "--sensitivity"]) == 2
     assert "--sensitivity ranks" in capsys.readouterr().err
-    assert main(["export", "--model", SMALL, "--random-weights", "-q", "fp16", "--split-top-row", "auto"]) == 2
+    assert main(["export", "--model", SMALL, "--random-weights", "-q", "fp16", "--split-top-row", "stages_5/"]) == 2
     assert "full-int8 rewrite" in capsys.readouterr().err
 
     # parts kept float by name, or as few as a target needs (export.mixed)
