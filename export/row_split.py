@@ -85,7 +85,7 @@ def _is_pointwise(module) -> bool:
     from zoo.layers.conv import Conv2d
 
     if isinstance(module, nn.BatchNorm):
-        return True
+        return bool(module.use_running_average)  # training-mode statistics need the whole map: joined instead
     return (isinstance(module, Conv2d) and module.stride == 1 and module.groups == 1
             and "kernel" in module.variables.get("params", {})
             and tuple(np.shape(module.variables["params"]["kernel"])[:2]) == (1, 1))

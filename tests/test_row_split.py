@@ -4,6 +4,8 @@ weights in tests/test_export_models.py (89.1% -> 96.9% top-1 agreement)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
 import pytest
@@ -36,6 +38,21 @@ def test_the_split_model_computes_the_same_function(name, pattern):
     ref = np.asarray(jax.jit(lambda v, x: module.apply(v, x))(variables, x))
     got = np.asarray(jax.jit(split_apply)(variables, x))
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())  # float rounding only
+
+
+def test_training_mode_batchnorm_sees_the_whole_map():
+    """Batch statistics are not per position: in train mode the bands are joined before each BatchNorm."""
+    module, variables, x = _model("mobilenetv2_050")
+    x = 1.5 * x[::-1] + 0.5  # statistics unlike the running ones (set from x)
+
+    def train_step(v, x, split: bool):
+        with split_top_row("stages_[45]/") if split else contextlib.nullcontext():
+            return module.apply(v, x, train=True, mutable=["batch_stats"])
+
+    (ref, ref_stats), (got, got_stats) = (jax.jit(train_step, static_argnums=2)(variables, x, s) for s in (False, True))
+    assert np.abs(np.asarray(got) - np.asarray(ref)).max() <= 1e-4 * max(1.0, np.abs(np.asarray(ref)).max())
+    leaves = zip(jax.tree_util.tree_leaves(ref_stats), jax.tree_util.tree_leaves(got_stats))
+    assert all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in leaves)
 
 
 def test_bands_keep_per_position_ops_apart_and_join_for_the_rest():
