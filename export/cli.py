@@ -186,8 +186,7 @@ def _sensitivity(model, calib, vdata, hw, out, args, baseline) -> None:
     rows = int8_sensitivity(model, parts=parts, representative_data=calib, verify_data=vdata, baseline=baseline,
                             input_hw=hw, batch=args.batch, int8_io=args.int8_io, allow_flex=args.allow_flex,
                             calibration=args.calibration_method, bias_correction=not args.no_bias_correction,
-                            equalization=not args.no_equalization, progress=not args.quiet,
-                            int8_split_top_row=None if args.split_top_row == "none" else args.split_top_row)
+                            equalization=not args.no_equalization, progress=not args.quiet)  # baseline's row split
     stem = str(out).removesuffix(".tflite")
     report(markdown(rows), rows, PartSensitivity, csv_path=f"{stem}.sensitivity.csv", md_path=f"{stem}.sensitivity.md")
 

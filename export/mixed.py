@@ -112,6 +112,8 @@ def mixed_int8(model_or_module, variables=None, *, representative_data, verify_d
 
     say(f"{name}: looking for the int8 export with the fewest float parts that meets {target}")
     base = export(())
+    if export_options.get("int8_split_top_row", "auto") == "auto":  # the stages "auto" split, found once
+        export_options["int8_split_top_row"] = base.metadata["int8_split_top_row"]
     v = base.verification
     tried = [((), round(v.sqnr_db, 2), round(v.top1_agreement, 4))]
     say(f"all int8: SQNR {v.sqnr_db:.2f} dB, top-1 agreement {v.top1_agreement:.1%}")

@@ -172,6 +172,8 @@ def int8_sensitivity(model_or_module, variables=None, *, representative_data, ve
         _check_baseline(baseline, module, variables, x)
     say(f"int8 sensitivity of {name}: {len(parts) + (baseline is None)} exports on {len(x)} input(s)")
     base = export(None) if baseline is None else baseline
+    if export_options.get("int8_split_top_row", "auto") == "auto":  # every row with the baseline's row split
+        export_options["int8_split_top_row"] = base.metadata["int8_split_top_row"]
     base_sqnr = base.verification.sqnr_db
     say(f"[1/{len(parts) + 1}] all int8: SQNR {base_sqnr:.2f} dB, top-1 agreement {base.verification.top1_agreement:.1%}")
     rows = []
