@@ -1,6 +1,6 @@
 """export.row_split: the first-row split of residual streams computes the same function, traces to full-int8 ops that
 XNNPACK runs in one partition, and refuses patterns it cannot apply. Its gain is measured on MobileNetV2 with real
-weights in tests/test_export_models.py (89.1% -> 96.9% top-1 agreement)."""
+weights in tests/test_export_models.py (20.3 -> 22.1 dB on the first 64 crops)."""
 
 from __future__ import annotations
 
