@@ -31,16 +31,26 @@ def shared_counts() -> dict[str, dict]:
     return out
 
 
-def twin_model(twin: str):
-    """The reference PyTorch module (random weights, eval mode) for 'timm:<name>' or 'torchvision:<name>'."""
+def twin_model(twin: str, fused_attention: bool = True):
+    """The reference PyTorch module (random weights, eval mode) for 'timm:<name>' or 'torchvision:<name>'.
+
+    `fused_attention=False` builds timm's attention as explicit matmuls (read when a module is built): torch's
+    FlopCounterMode has no formula for the CPU kernel of `scaled_dot_product_attention` and would count it as zero.
+    """
     import torch
 
     torch.manual_seed(0)
     lib, name = twin.split(":")
     if lib == "timm":
         import timm
+        from timm.layers import config as timm_config
 
-        model = timm.create_model(name, pretrained=False)
+        before = timm_config._USE_FUSED_ATTN
+        timm_config.set_fused_attn(fused_attention and bool(before))
+        try:
+            model = timm.create_model(name, pretrained=False)
+        finally:
+            timm_config._USE_FUSED_ATTN = before
     else:
         import torchvision
 
@@ -53,7 +63,7 @@ def live_counts(twin: str, res: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = twin_model(twin)
+    model = twin_model(twin, fused_attention=False)
     params = sum(p.numel() for p in model.parameters())
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(torch.zeros(1, 3, res, res))
