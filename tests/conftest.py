@@ -2,6 +2,9 @@
 
 With ZOO_REQUIRE_ALL_TIERS=1 (set by .ci/run) any skipped test fails the run, and so does a tier marker
 (parity, slow, notebooks) under which no test ran.
+
+Under pytest-xdist (`.ci/run` uses `-n 2`), whole test files go to one worker each, so module fixtures are built once;
+the files that share the fine-tuned lite0 (`lite0_digits`) go to the same worker, which trains it once.
 """
 
 from __future__ import annotations
@@ -22,6 +25,21 @@ _ran: dict[str, int] = {t: 0 for t in TIERS}
 _skipped: list[str] = []
 
 
+# Test files sharing the session fixture `lite0_digits`: one work unit under xdist (see the module doc).
+LITE0_DIGITS_FILES = ("test_prune.py", "test_qat.py", "test_train_recipe.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "lite0_digits" if path.rsplit("/", 1)[-1] in LITE0_DIGITS_FILES else path
+
+    return FileScheduling(config, log)
+
+
 def pytest_runtest_logreport(report):
     if report.skipped:
         _skipped.append(report.nodeid)
@@ -33,6 +51,8 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("ZOO_REQUIRE_ALL_TIERS") != "1" or session.config.option.collectonly:
+        return
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller sees every report and judges
         return
     problems = [f"skipped: {nodeid}" for nodeid in _skipped]
     problems += [f"tier '{t}' ran no test" for t, n in _ran.items() if n == 0]
