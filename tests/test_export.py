@@ -266,3 +266,21 @@ def test_fp32_tolerance_falls_back_to_the_models_own_float_rounding():
     worse = dataclasses.replace(report, jax_fp32_error=1e-5, tflite_fp64_error=3e-4)
     with pytest.raises(ExportParityError, match="JAX fp32 itself"):
         verify.check(worse)
+
+
+def test_reference_logits_are_computed_once_per_model_and_inputs():
+    """Exports of one model on the same verify inputs share the JAX logits; new numbers (even in the same arrays,
+    changed in place) are computed afresh."""
+    import jax
+
+    from export.tflite import _reference
+    from planted import planted_nets
+
+    module, clean, _, _, x = planted_nets()
+    first = _reference(module, clean, x)
+    again = _reference(module, jax.tree.map(np.copy, clean), x.copy())  # other objects, the same numbers
+    assert again is first and not first.flags.writeable
+    clean["params"]["head"]["bias"][0] += 1.0
+    changed = _reference(module, clean, x)
+    assert changed is not first and np.allclose(changed[:, 0], first[:, 0] + 1.0, atol=1e-5)
+    np.testing.assert_array_equal(_reference(module, clean, x[:8]), changed[:8])
