@@ -1,7 +1,9 @@
 """Every registered model exports to fp32 TFLite; every family's fp16 / dynamic / int8 exports agree with JAX (slow).
 
-fp32, all models: random weights at 64x64 (MobileViT's patching works there), exported by `python -m export.sweep`
-in two worker processes (one per core) so that the ~34 conversions fit the time budget. Asserted per model: builtin
+fp32, one model per architecture (`SWEEP`: each family's block layout, padding rule, activation and attention
+variant; width and depth multipliers change no op, so the other registered names are left to
+`python -m export.sweep`, which exports them all): random weights at 64x64 (MobileViT's patching works there),
+exported by `python -m export.sweep` in two worker processes (one per core). Asserted per model: builtin
 ops only, one XNNPACK partition, logits within the tolerance (1e-4 + 1e-5 x max|logit|, see export/verify.py) and an
 output SQNR of at least 80 dB (random-weight logits range from 1e-3 to 700, so the scale-free number is the one that
 catches a wrong graph).
@@ -69,6 +71,12 @@ from zoo.registry import get_entry
 pytestmark = pytest.mark.slow
 
 ALL = zoo.list_models()
+# One registered name per architecture (module doc): PyTorch-symmetric and TF-"SAME" padding of each family, the
+# torchvision and timm layouts of the MobileNets, MobileNetV3's minimal (ReLU, no SE) form, MobileViT's smallest and
+# largest width.
+SWEEP = ["mobilenet_v2", "mobilenetv2_050", "mobilenet_v3_large", "mobilenet_v3_small", "mobilenetv3_large_100",
+         "mobilenetv3_small_050", "tf_mobilenetv3_large_100", "tf_mobilenetv3_small_minimal_100", "efficientnet_b0",
+         "tf_efficientnet_b0", "efficientnet_lite0", "tf_efficientnet_lite0", "mobilevit_xxs", "mobilevit_s"]
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
@@ -78,8 +86,8 @@ PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 def sweep(request, tmp_path_factory):
     """Records of `export.sweep` for the models this session selected, exported by one worker per core."""
     wanted = [item.callspec.params["name"] for item in request.session.items
-              if getattr(item, "originalname", "") == "test_every_model_exports_fp32" and hasattr(item, "callspec")]
-    names = list(dict.fromkeys(wanted)) or ALL
+              if getattr(item, "originalname", "") == "test_every_architecture_exports_fp32" and hasattr(item, "callspec")]
+    names = list(dict.fromkeys(wanted)) or SWEEP
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, min(2, cpus, len(names)))
     tmp = tmp_path_factory.mktemp("sweep")
@@ -106,8 +114,12 @@ def sweep(request, tmp_path_factory):
     return records
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_every_model_exports_fp32(sweep, name):
+def test_the_sweep_covers_every_family():
+    assert set(SWEEP) <= set(ALL) and {get_entry(n).cfg.family for n in SWEEP} == {get_entry(n).cfg.family for n in ALL}
+
+
+@pytest.mark.parametrize("name", SWEEP)
+def test_every_architecture_exports_fp32(sweep, name):
     rec = sweep.get(name)
     assert rec is not None, f"the sweep worker did not report {name}; its log ends:\n{sweep['_logs']}"
     assert rec["ok"], rec.get("traceback") or rec.get("error")
