@@ -99,3 +99,20 @@ def test_bad_inputs_raise_before_work(tiny):
         fold_bn(module, variables["params"])
     with pytest.raises(FoldError, match="batch_stats"):
         fold_bn(module, {"params": variables["params"]})
+
+
+def test_model_call_retraces_under_another_depthwise_formulation(monkeypatch):
+    """`zoo.Model` caches its jitted apply; the formulation is part of its key, so no stale trace is reused."""
+    import zoo
+    from zoo.layers import conv
+
+    model = zoo.load("mobilenetv3_small_050", pretrained=False)
+    x = np.zeros((1, 64, 64, 3), np.float32)
+    with conv.depthwise_impl("native"):
+        native = np.asarray(model(x))
+    calls = []
+    shifted = conv._depthwise_shifted
+    monkeypatch.setattr(conv, "_depthwise_shifted", lambda *a: calls.append(1) or shifted(*a))
+    with conv.depthwise_impl("shifted"):
+        np.testing.assert_allclose(np.asarray(model(x)), native, atol=1e-5)
+    assert calls, "the second call reused the native trace"

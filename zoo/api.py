@@ -19,10 +19,13 @@ from zoo.config import ModelCfg, PretrainedCfg, WeightSource
 from zoo.convert import flatten_variables
 from zoo.counting import count_macs, count_params
 from zoo.inputs import check_images
+from zoo.layers.conv import depthwise_impl, resolved_depthwise_impl
 from zoo.preprocess import preprocess
 from zoo.registry import create_model, get_entry, split_name
 from zoo.weights.merge import merge_variables
+from zoo.weights.layouts import is_zoo_named, recognize_layout
 from zoo.weights.pretrained import load_converted
+from zoo.weights.torch_reader import load_state_dict
 
 log = logging.getLogger("zoo")
 
@@ -54,13 +57,18 @@ class Model:
 
     @functools.cached_property
     def _apply(self):
-        return jax.jit(lambda v, x, features: self.module.apply(v, x, train=False, features=features),
-                       static_argnums=2)
+        # The depthwise formulation is read at trace time, so it is a static argument: a call under another
+        # formulation compiles its own trace instead of reusing the first one.
+        def run(variables, x, features, impl):
+            with depthwise_impl(impl):
+                return self.module.apply(variables, x, train=False, features=features)
+
+        return jax.jit(run, static_argnums=(2, 3))
 
     def __call__(self, images, *, features: bool = False):
         """Logits (or feature maps) of a float NHWC batch, normalized as `preprocess` does."""
         check_images(images, self.cfg.in_chans, self.cfg.name)
-        return self._apply(self.variables, jnp.asarray(images), features)
+        return self._apply(self.variables, jnp.asarray(images), features, resolved_depthwise_impl())
 
     def preprocess(self, images) -> np.ndarray:
         """Paths, PIL images or uint8 arrays -> the normalized float batch this model expects."""
@@ -102,9 +110,11 @@ def load(
 
     `num_classes` different from the checkpoint's re-initializes only the classifier (logged); `in_chans != 3`
     adapts the first convolution. `weights=` reads a local checkpoint (.pth, .safetensors) instead of the registered
-    sources, in `layout` ("timm", "torchvision", ...; default: the tag's, else the model's twin library).
-    `pretrained=False` gives randomly initialized variables.
+    sources, in `layout` ("timm", "torchvision", "lukemelas"; by default recognized from the file's keys).
+    `pretrained=False` gives randomly initialized variables; `pretrained` takes a bool only.
     """
+    if not isinstance(pretrained, bool):
+        raise TypeError(f"pretrained= takes True or False, got {pretrained!r}; pass a local checkpoint as weights=<file>")
     entry = get_entry(name_or_tag)
     _, tag = split_name(name_or_tag)
     pcfg = entry.pretrained_cfg(tag) if (tag or (pretrained and entry.pretrained)) else None
@@ -126,6 +136,8 @@ def load(
         variables = jax.eval_shape(lambda: init_variables(module, cfg, seed))
         reference = create_model(entry.name, num_classes=pcfg.num_classes, **overrides)
         target = flatten_variables(jax.eval_shape(lambda: init_variables(reference, entry.cfg)))
+        if weights is not None and layout is None:
+            pcfg = dataclasses.replace(pcfg, layout=_file_layout(entry, reference, target, pcfg))
         converter = entry.converters[pcfg.layout](reference)
         arrays = load_converted(entry.name, pcfg, converter, target, cache=weights is None, progress=progress)
         reset = ()
@@ -149,6 +161,16 @@ def _local_weights(entry, pcfg: PretrainedCfg | None, path: str, layout: str | N
         raise FileNotFoundError(f"weights file not found: {path}")
     source = WeightSource("file", str(path))
     return dataclasses.replace(base, tag="local", sources=(source,), layout=layout)
+
+
+def _file_layout(entry, reference: nn.Module, target: dict, pcfg: PretrainedCfg) -> str:
+    """The layout of a user's file, recognized from its keys (whatever the default tag's layout is)."""
+    path = pcfg.sources[0].location
+    state_dict = load_state_dict(path)
+    if is_zoo_named(state_dict) or len(entry.converters) == 1:
+        return pcfg.layout
+    renames = {name: make(reference) for name, make in entry.converters.items()}
+    return recognize_layout(state_dict, renames, target, source=path)
 
 
 def _fit(stats: tuple[float, ...], n: int) -> tuple[float, ...]:

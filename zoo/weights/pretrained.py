@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 from zoo.config import PretrainedCfg, WeightSource
 from zoo.convert import convert_state_dict
 from zoo.weights.download import cache_dir, download, hf_hub_url, is_offline, sha256_file
+from zoo.weights.layouts import is_zoo_named
 from zoo.weights.errors import ChecksumError, DownloadError, OfflineError, WeightsError
 from zoo.weights.package_source import package_file
 from zoo.weights.torch_reader import load_state_dict, save_safetensors_atomic
@@ -96,7 +97,7 @@ def load_converted(
             return arrays
     path, _ = fetch_checkpoint(pcfg, progress=progress)
     state_dict = load_state_dict(path)
-    if set(state_dict) and all(k.startswith(("params/", "batch_stats/")) for k in state_dict):
+    if is_zoo_named(state_dict):
         arrays = dict(state_dict)  # already in zoo names (e.g. a file written by this library)
     else:
         arrays = convert_state_dict(state_dict, rename, target_shapes)
