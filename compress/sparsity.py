@@ -35,11 +35,9 @@ from compress.sparsity_masks import (check_n_m, check_ratio, global_magnitude_ma
                                      parse_n_m)
 from compress.sparsity_report import SparsityRow, format_sparsity_report, sparsity_report
 from compress.sparsity_rules import DEFAULT_MIN_SIZE, Rule, Selected, as_rules, select
-from compress.sparsity_tflite import TfliteKernel, TfliteNMRow, check_tflite_n_m, tflite_kernels
-from train.state import flatten, unflatten
+from zoo.tree import flatten, unflatten
 
-__all__ = ["Rule", "Sparsifier", "SparsityRow", "TfliteKernel", "TfliteNMRow", "check_n_m", "check_tflite_n_m",
-           "format_sparsity_report", "sparsity_report", "tflite_kernels"]
+__all__ = ["Rule", "Sparsifier", "SparsityRow", "check_n_m", "format_sparsity_report", "sparsity_report"]
 
 SCHEDULES = ("oneshot", "polynomial")
 SCOPES = ("global", "layer")

@@ -12,7 +12,7 @@ import numpy as np
 
 from compress.sparsity_masks import n_m_group_nonzeros, parse_n_m
 from compress.sparsity_rules import as_rules, select
-from train.state import flatten
+from zoo.tree import flatten
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,19 @@
 TensorFlow is imported only by `to_tflite`; running and timing exported models needs only `ai-edge-litert`.
 """
 
+from export.compare import compare_tflite
 from export.errors import ExportError, ExportParityError, UnsupportedOpsError
 from export.latency import benchmark_jax, benchmark_tflite
 from export.metadata import predict_tflite
 from export.ops_report import OpsReport, analyze
+from export.ptq import quantize as quantize_ptq
 from export.runtime import LiteRTRunner
+from export.sparsity_tflite import check_tflite_n_m, tflite_kernels
 from export.tflite import QUANTIZATIONS, ExportResult, to_tflite
 from export.verify import VerifyReport
 
 __all__ = [
     "ExportError", "ExportParityError", "UnsupportedOpsError", "ExportResult", "OpsReport", "VerifyReport",
-    "LiteRTRunner", "QUANTIZATIONS", "analyze", "benchmark_jax", "benchmark_tflite", "predict_tflite", "to_tflite",
+    "LiteRTRunner", "QUANTIZATIONS", "analyze", "benchmark_jax", "benchmark_tflite", "check_tflite_n_m",
+    "compare_tflite", "predict_tflite", "quantize_ptq", "tflite_kernels", "to_tflite",
 ]

@@ -73,6 +73,19 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def class_folder_images(folder: str | Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
+    """`folder/<class>/<image>`: the image files, their labels (the index of the sorted subfolder) and the class names,
+    the same convention as the training loop's folder source."""
+    root = Path(folder)
+    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    files, labels = [], []
+    for k, cls in enumerate(classes):
+        found = list_images(root / cls)
+        files += found
+        labels += [k] * len(found)
+    return files, np.asarray(labels, np.int64), classes
+
+
 def load_data(source: str | Path, cfg, limit: int | None = None, progress: bool = False) -> np.ndarray:
     """A folder of images (preprocessed with `cfg`: resize, center crop, mean/std) or a .npy of float NHWC batches."""
     from zoo.preprocess import preprocess

@@ -1,4 +1,4 @@
-"""`zoo export` and `zoo bench`: registered into the zoo command line by `add_commands(sub)` (see zoo/cli.py).
+"""`zoo export` and `zoo bench`: registered into the zoo command line by `add_commands(sub)` (see zoo_cli.py).
 
     zoo export --model tf_efficientnet_lite0 --quantization int8 --calibration photos/ --out lite0_int8.tflite
     zoo export --model mobilevit_xxs --random-weights --input-size 256 256 --out mvit.tflite

@@ -101,7 +101,7 @@ class _Interceptor:
 
     def __call__(self, next_fn, args, kwargs, context):
         from zoo.layers.blocks import InvertedResidual
-        from zoo.models._mobile import Stage
+        from zoo.models.mobilenet_base import Stage
 
         module = context.module
         if context.method_name != "__call__" or not args:

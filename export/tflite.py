@@ -38,7 +38,7 @@ DEFAULT_NUM_VERIFY = 8
 # 89% and 1 partition, and ran faster (4.6 -> 3.8 ms), with them in float.
 DEFAULT_INT8_KEEP_FLOAT = r"/(norm\d*|attn)/"
 # How full-int8 activation ranges are chosen from the calibration data: the converter's own min/max, or replaced
-# before quantization by percentile clipping or the int8 MSE-optimal range (compress.ptq_ranges).
+# before quantization by percentile clipping or the int8 MSE-optimal range (export.ptq_ranges).
 CALIBRATIONS = ("minmax", "percentile", "mse")
 RangeHook = Callable[[bytes, list], bytes]
 
@@ -269,7 +269,7 @@ def _calibration_name(calibration) -> str:
 def resolve_calibration(calibration, q: str) -> RangeHook | None:
     """`to_tflite(calibration=...)` -> the hook that rewrites calibrated ranges, or None for the converter's min/max.
 
-    A method name ("percentile", "mse"; see `compress.ptq_ranges`) or a callable `(calibrated_tflite: bytes,
+    A method name ("percentile", "mse"; see `export.ptq_ranges`) or a callable `(calibrated_tflite: bytes,
     batches: list of model-sized float arrays) -> bytes` that returns the calibrated (still float) flatbuffer with
     new per-tensor min/max.
     """
@@ -285,7 +285,7 @@ def resolve_calibration(calibration, q: str) -> RangeHook | None:
         return None
     if q != "int8":
         raise ValueError(f"calibration={method!r} only applies to quantization='int8' (got {q!r})")
-    from compress.ptq_ranges import range_hook  # range estimation lives with the other compression methods
+    from export.ptq_tflite import range_hook
 
     return range_hook(method)
 
@@ -456,7 +456,7 @@ def to_tflite(
         sidecar records the stages split.
     calibration: for "int8", how activation ranges are set from `representative_data`: "minmax" (the converter's
         observed min/max), "percentile" (clip the 0.01% tails) or "mse" (the range minimizing each tensor's int8
-        quantization error), see `compress.ptq_ranges`; or a callable rewriting the calibrated flatbuffer.
+        quantization error), see `export.ptq_ranges`; or a callable rewriting the calibrated flatbuffer.
     dynamic_float_depthwise: for "dynamic", keep depthwise weights float so XNNPACK runs those ops (it has no
         hybrid depthwise kernel; see `export.rewrites.float_depthwise_weights`).
     bias_correction: with `representative_data` ("int8", or "dynamic" when given), export the model with its kernels

@@ -191,7 +191,7 @@ def test_predict_tflite_matches_the_jax_model(photos, tmp_path, offline_cache):
 def test_cli_export_bench_and_predict(photos, tmp_path, capsys):
     from PIL import Image
 
-    from zoo.cli import main
+    from zoo_cli import main
 
     out = tmp_path / "m.tflite"
     assert main(["export", "--model", SMALL, "--random-weights", "--input-size", "64", "64", "--out", str(out),

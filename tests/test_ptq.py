@@ -1,4 +1,4 @@
-"""Post-training int8 with calibrated ranges (compress.ptq*), the model comparison table and `zoo compare` / `zoo ptq`.
+"""Post-training int8 with calibrated ranges (export.ptq*), the model comparison table and `zoo compare` / `zoo ptq`.
 
 Fast tests use a random-weight MobileNetV2-0.5 at 64x64 calibrated on crops of the offline photos; the acceptance
 test (slow) quantizes the real tf_efficientnet_lite0 weights and checks top-1 agreement with the float model on the
@@ -14,10 +14,10 @@ import pytest
 from test_export_models import _crops
 
 import zoo
-from compress import ptq
-from compress.compare import CompareRow, compare_tflite, labelled_images, markdown, write_csv
-from compress.ptq_ranges import Histogram, choose_range, mse_range, percentile_range, quantization_mse, sqnr_db
-from compress.ptq_tflite import activation_ranges, calibrated_tensors
+from export import ptq
+from export.compare import CompareRow, compare_tflite, labelled_images, markdown, write_csv
+from export.ptq_ranges import Histogram, choose_range, mse_range, percentile_range, quantization_mse, sqnr_db
+from export.ptq_tflite import activation_ranges, calibrated_tensors
 from export import to_tflite
 from export.weights import random_variables
 from zoo.preprocess import preprocess
@@ -217,7 +217,7 @@ def test_compare_table_on_two_exports(small, exports, tmp_path):
 def test_cli_compare_reads_a_class_folder(photos, exports, tmp_path, capsys):
     from PIL import Image
 
-    from zoo.cli import main
+    from zoo_cli import main
 
     fp32, int8 = exports
     root = tmp_path / "photos"
@@ -247,7 +247,7 @@ def test_cli_ptq_real_lite0_agrees_with_float_on_photo_crops(photos, tmp_path, c
     """Compression acceptance: PTQ-int8 of the real tf_efficientnet_lite0 agrees with the float model's top-1 on
     >= 90% of the crops of the offline photos that tests/test_export_models.py verifies on (calibrated on distinct
     crops)."""
-    from zoo.cli import main
+    from zoo_cli import main
 
     monkeypatch.setenv("ZOO_OFFLINE", "1")
     cfg = get_entry("tf_efficientnet_lite0").cfg

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import zoo
-from zoo import cli, registry
+import zoo_cli as cli
+from zoo import registry
 from zoo.config import ModelCfg
 
 

@@ -8,12 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from compress.sparsity import (Rule, Sparsifier, check_n_m, check_tflite_n_m, format_sparsity_report,
-                               sparsity_report)
+from compress.sparsity import Rule, Sparsifier, check_n_m, format_sparsity_report, sparsity_report
+from export.sparsity_tflite import check_tflite_n_m
 from compress.sparsity_masks import global_magnitude_masks, magnitude_mask, n_m_mask
 from compress.sparsity_report import total_sparsity
 from test_train_support import random_digits, tiny_config, tiny_model
-from train.state import flatten
+from zoo.tree import flatten
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def test_unknown_or_bad_config_keys_are_clear_errors(capsys):
         apply_overrides(train.TrainConfig(), ["optim.lr=fast"])
     with pytest.raises(ConfigError, match="not KEY=VALUE"):
         apply_overrides(train.TrainConfig(), ["steps"])
-    from zoo.cli import main
+    from zoo_cli import main
 
     assert main(["train", "--config", "mnist5k_lite0", "--set", "optim.lrr=1"]) == 2
     err = capsys.readouterr().err
@@ -72,7 +72,7 @@ def test_unknown_or_bad_config_keys_are_clear_errors(capsys):
 
 
 def test_cli_prints_resolved_config(capsys):
-    from zoo.cli import main
+    from zoo_cli import main
 
     assert main(["train", "--config", "mnist5k_lite0", "--lr", "0.002", "--set", "optim.freeze=", "--scratch",
                  "--print-config"]) == 0
@@ -308,7 +308,7 @@ except train.CheckpointError as e:
 
 def test_cli_trains_and_evaluates_a_zoo_model_in_bfloat16(tmp_path, digits, capsys, monkeypatch):
     """The command-line path end to end with a registered model (bf16 compute, classifier only, from scratch)."""
-    from zoo.cli import main
+    from zoo_cli import main
 
     monkeypatch.setenv("ZOO_OFFLINE", "1")
     images, labels = digits

@@ -10,7 +10,7 @@ import pytest
 import train
 import zoo
 from compress.sparsity import check_n_m
-from train.state import flatten
+from zoo.tree import flatten
 from zoo.counting import count_macs
 
 from reference import random_variables
@@ -41,7 +41,7 @@ def test_recipe_prune_distill_sparsify_then_qat_then_int8_export(tmp_path, base_
     """The dense run teaches its own pruned, 2:4-sparse copy; QAT continues from that run; the result exports to an
     all-int8 TFLite file that keeps the 2:4 pattern."""
     import export
-    from compress.sparsity_tflite import check_tflite_n_m
+    from export.sparsity_tflite import check_tflite_n_m
 
     images, labels = random_digits(128)
     dense = tmp_path / "dense"

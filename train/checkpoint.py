@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from train.state import flatten
+from zoo.tree import flatten
 
 log = logging.getLogger("train")
 

@@ -61,7 +61,7 @@ def sparsity(c: CompressConfig, params) -> tuple[list, list, dict]:
 
 def architecture(model: zoo.Model) -> dict | None:
     """The record that rebuilds a pruned MobileNet-family module (None for a registered architecture)."""
-    from zoo.models._mobile import MobileNet
+    from zoo.models.mobilenet_base import MobileNet
 
     module = model.module
     if not isinstance(module, MobileNet) or model.cfg.name in zoo.list_models():

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 from flax import struct
 from flax import traverse_util
 
+from zoo.tree import flatten, unflatten  # noqa: F401  (re-exported for train's modules)
+
 TASK_PREFIX = "@task/"
 
 
@@ -40,14 +42,6 @@ class TrainState:
         params = self.ema_params if (ema and self.ema_params) else self.params
         return {"params": params, **self.model_state}
 
-
-def flatten(tree) -> dict[str, Any]:
-    """{"a": {"b": x}} -> {"a/b": x} (parameter paths)."""
-    return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()} if tree else {}
-
-
-def unflatten(flat: dict[str, Any]) -> dict:
-    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()}) if flat else {}
 
 
 def split_trainable(params, task_params, trainable: tuple[str, ...]) -> tuple[dict, dict]:

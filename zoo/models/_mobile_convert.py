@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from zoo.models._mobile import MobileNet
+from zoo.models.mobilenet_base import MobileNet
 
 _TIMM_TOP = {"conv_stem": "stem/conv", "bn1": "stem/bn1", "conv_head": "head/conv", "bn2": "head/bn",
              "classifier": "head/fc"}

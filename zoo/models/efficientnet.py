@@ -11,7 +11,7 @@ from functools import partial
 
 from zoo.config import INCEPTION_MEAN, INCEPTION_STD, ModelCfg, PretrainedCfg, WeightSource
 from zoo.layers.norm import BN_EPS_TF, BN_EPS_TORCH
-from zoo.models._mobile import MobileNet, ds, feature_info, ir, make_divisible, resolve_stages
+from zoo.models.mobilenet_base import MobileNet, ds, feature_info, ir, make_divisible, resolve_stages
 from zoo.models._mobile_convert import lukemelas_rename, timm_rename
 from zoo.models._pretrained import REL, REL_HF, timm_weights
 from zoo.registry import register_model

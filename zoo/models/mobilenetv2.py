@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 from zoo.config import ModelCfg, WeightSource
-from zoo.models._mobile import MobileNet, ds, feature_info, ir, make_divisible, resolve_stages
+from zoo.models.mobilenet_base import MobileNet, ds, feature_info, ir, make_divisible, resolve_stages
 from zoo.models._mobile_convert import timm_rename, torchvision_rename
 from zoo.models._pretrained import REL, timm_weights, torchvision_weights
 from zoo.registry import register_model

@@ -29,7 +29,7 @@ from zoo.layers.activations import get_act
 from zoo.layers.blocks import drop_path
 from zoo.layers.conv import Conv2d
 from zoo.layers.norm import BN_EPS_TORCH, batch_norm
-from zoo.models._mobile import make_divisible
+from zoo.models.mobilenet_base import make_divisible
 from zoo.models._pretrained import timm_weights
 from zoo.registry import register_model
 

@@ -4,7 +4,7 @@ The TFLite converter calibrates in two steps (`export.tflite._quantize_two_step`
 activation tensor's observed min/max, then quantization from those. Between them this module runs the calibrated
 model in the LiteRT interpreter over the calibration batches, histograms every calibrated tensor (fixed bins over
 the converter's min/max, so memory does not grow with the data), chooses a new range per tensor
-(`compress.ptq_ranges`) and writes it into the flatbuffer with the TFLite schema's object API.
+(`export.ptq_ranges`) and writes it into the flatbuffer with the TFLite schema's object API.
 
     ranges = activation_ranges(calibrated, batches, "mse")   # [TensorRange(name, op, calibrated, chosen, kept)]
     calibrated = write_ranges(calibrated, ranges)
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compress.ptq_ranges import DEFAULT_BINS, DEFAULT_PERCENTILE, Histogram, check_method, choose_range
+from export.ptq_ranges import DEFAULT_BINS, DEFAULT_PERCENTILE, Histogram, check_method, choose_range
 
 FIXED_OUTPUT_OPS = {"LOGISTIC", "SOFTMAX", "TANH", "LOG_SOFTMAX"}
 # ops whose int8 kernels take the output scale from the input (the output only holds input values, or zeros)
@@ -179,3 +179,14 @@ def write_ranges(calibrated: bytes, ranges: list[TensorRange]) -> bytes:
 def recalibrate(calibrated: bytes, batches, method: str, **options) -> bytes:
     """`write_ranges(calibrated, activation_ranges(calibrated, batches, method, **options))`."""
     return write_ranges(calibrated, activation_ranges(calibrated, batches, method, **options))
+
+
+def range_hook(method: str, **options):
+    """`export.to_tflite(calibration=...)` hook for `method`: re-estimates the calibrated activation ranges."""
+    method = check_method(method)
+
+    def hook(calibrated: bytes, batches) -> bytes:
+        return recalibrate(calibrated, batches, method, **options)
+
+    hook.method = method
+    return hook

@@ -14,7 +14,7 @@ Three methods, all per tensor:
     hist.add(activations)
     lo, hi = choose_range(hist, "mse")
 
-`range_hook(method)` plugs a method into `export.to_tflite(calibration=...)` (see `compress.ptq_tflite`).
+`export.ptq_tflite.range_hook(method)` plugs a method into `export.to_tflite(calibration=...)`.
 """
 
 from __future__ import annotations
@@ -145,15 +145,3 @@ def sqnr_db(values: np.ndarray, lo: float, hi: float) -> float:
     noise = np.sum((x - (q - zero) * scale) ** 2)
     return float("inf") if noise == 0 else float(10 * np.log10(np.sum(x ** 2) / noise))
 
-
-def range_hook(method: str, **options):
-    """`export.to_tflite(calibration=...)` hook for `method`: re-estimates the calibrated activation ranges."""
-    from compress.ptq_tflite import recalibrate
-
-    method = check_method(method)
-
-    def hook(calibrated: bytes, batches) -> bytes:
-        return recalibrate(calibrated, batches, method, **options)
-
-    hook.method = method
-    return hook

@@ -1,13 +1,13 @@
 """Side-by-side comparison of exported .tflite models: accuracy, top-1 agreement with a reference, size, latency.
 
-    from compress.compare import compare_tflite, markdown
+    from export.compare import compare_tflite, markdown
     rows = compare_tflite({"float": "lite0.tflite", "ptq-int8": "lite0_int8.tflite", "qat-int8": qat_result},
                           images, labels)
     print(markdown(rows))
 
 The first entry is the reference: every row's `agreement` is the share of images whose top-1 class equals the first
 model's. Latency is the median of interleaved rounds in the LiteRT interpreter with XNNPACK at `threads` threads
-(`export.latency.benchmark_many`). On the command line: `zoo compare A.tflite B.tflite --data DIR` (see compress.cli).
+(`export.latency.benchmark_many`). On the command line: `zoo compare A.tflite B.tflite --data DIR` (see export.compare_cli).
 """
 
 from __future__ import annotations
@@ -62,10 +62,11 @@ def labelled_images(source, limit: int | None = None):
             arr = np.load(path, allow_pickle=False)
             return (arr[_spread(len(arr), limit)] if limit else arr), None, None
         if any(p.is_dir() for p in path.iterdir()):
-            from train.data import FolderSource
+            from export.calibration import class_folder_images
 
-            src = FolderSource(path)
-            images, labels, names = list(src.files), src.label_array, tuple(src.class_names)
+            images, labels, names = class_folder_images(path)
+            if not images:
+                raise ValueError(f"no images in the class folders under {path}")
         else:
             from export.calibration import list_images
 

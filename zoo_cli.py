@@ -1,4 +1,5 @@
-"""The `zoo` command line: list, info and predict here; other packages add their own subcommands.
+"""The `zoo` command line, one module above the four packages: list, info and predict here; train and export add
+their own subcommands.
 
 A package contributes a subcommand by listing `(module, function)` in `_EXTENSIONS`; the function receives the
 argparse sub-parsers and registers its parser with `set_defaults(run=...)`. Modules are imported only when present,
@@ -12,7 +13,7 @@ import importlib
 import json
 import sys
 
-_EXTENSIONS = (("train.cli", "add_commands"), ("export.cli", "add_commands"), ("compress.cli", "add_commands"))
+_EXTENSIONS = (("train.cli", "add_commands"), ("export.cli", "add_commands"), ("export.compare_cli", "add_commands"))
 
 
 def _cmd_list(args) -> int:

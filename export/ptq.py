@@ -1,13 +1,13 @@
 """Post-training full-int8 quantization to TFLite with calibrated activation ranges (min/max, percentile or MSE).
 
     import zoo
-    from compress import ptq
+    from export import ptq
     model = zoo.load("tf_efficientnet_lite0")
     res = ptq.quantize(model, model.preprocess(images), method="mse", out="lite0_int8.tflite")
     print(res.verification.summary())      # top-1 agreement and SQNR against the float JAX model
 
 Weights are quantized per output channel by the converter, activations per tensor from the calibration data; the
-method only changes how each activation tensor's range is chosen (`compress.ptq_ranges`, `compress.ptq_tflite`).
+method only changes how each activation tensor's range is chosen (`export.ptq_ranges`, `export.ptq_tflite`).
 Cheaper alternatives that need no calibration: `export.to_tflite(model, quantization="dynamic" | "fp16")`.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from compress.ptq_ranges import DEFAULT_PERCENTILE, METHODS, check_method
+from export.ptq_ranges import DEFAULT_PERCENTILE, METHODS, check_method
 
 DEFAULT_METHOD = "mse"
 
@@ -25,10 +25,10 @@ __all__ = ["METHODS", "DEFAULT_METHOD", "quantize", "calibration_data"]
 
 def calibration_data(source, cfg, limit: int | None = None):
     """Float NHWC calibration inputs for `cfg` (a `zoo.ModelCfg`) from an image folder, a .npy file or `mnist5k`
-    (`compress.compare.labelled_images`; at most `limit`, spread over the classes)."""
+    (`export.compare.labelled_images`; at most `limit`, spread over the classes)."""
     import numpy as np
 
-    from compress.compare import labelled_images
+    from export.compare import labelled_images
     from zoo.preprocess import preprocess
 
     images, _, _ = labelled_images(source, limit)
@@ -70,7 +70,7 @@ def quantize(model, data, method: str = DEFAULT_METHOD, *, percentile: float = D
         data = calibration_data(data, cfg.replace(input_size=tuple(hw)) if hw else cfg)
     hook = method
     if method != "minmax" and (percentile != DEFAULT_PERCENTILE or candidates != 64):
-        from compress.ptq_tflite import recalibrate
+        from export.ptq_tflite import recalibrate
 
         def hook(calibrated, batches):
             return recalibrate(calibrated, batches, method, percentile=percentile, candidates=candidates)

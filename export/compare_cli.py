@@ -1,4 +1,4 @@
-"""`zoo compare` and `zoo ptq`: registered into the zoo command line by `add_commands(sub)` (see zoo/cli.py).
+"""`zoo compare` and `zoo ptq`: registered into the zoo command line by `add_commands(sub)` (see zoo_cli.py).
 
     zoo compare lite0_fp32.tflite lite0_int8.tflite --data photos/ --md table.md     # first model is the reference
     zoo compare a.tflite b.tflite --data mnist5k --limit 500 --csv rows.csv
@@ -11,7 +11,7 @@ import sys
 
 
 def add_commands(sub) -> None:
-    from compress.ptq import DEFAULT_METHOD, METHODS
+    from export.ptq import DEFAULT_METHOD, METHODS
 
     p = sub.add_parser("compare", help="accuracy, agreement, size and latency of .tflite models side by side",
                        description="Run .tflite models (with their .tflite.json sidecars) on the same labelled "
@@ -49,7 +49,7 @@ def add_commands(sub) -> None:
 def _cmd_compare(args) -> int:
     from pathlib import Path
 
-    from compress.compare import CompareRow, compare_tflite, labelled_images, markdown
+    from export.compare import CompareRow, compare_tflite, labelled_images, markdown
     from export.tables import report
 
     for m in args.models:
@@ -67,7 +67,7 @@ def _cmd_compare(args) -> int:
 
 def _cmd_ptq(args) -> int:
     import zoo
-    from compress.ptq import calibration_data, quantize
+    from export.ptq import calibration_data, quantize
     from export.errors import ExportError
 
     if args.num_calibration < 1:
