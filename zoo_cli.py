@@ -31,12 +31,22 @@ def _fmt_count(n: int) -> str:
 def _cmd_info(args) -> int:
     import zoo
 
-    info = zoo.model_info(args.name)
+    info = dict(zoo.model_info(args.name))
+    try:  # the deploy form (re-parameterized, BatchNorm folded) needs compress, which a core install may lack
+        from compress.deploy import deploy_param_count
+
+        h, w = info["input_size"]
+        info["params_deploy"] = deploy_param_count(zoo.create_model(info["name"]), (1, h, w, 3))
+    except ImportError:
+        info["params_deploy"] = None
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['name']}  ({info['family']}; {info['paper']}; twin {info['twin'] or '-'})")
-    print(f"  params      {info['params']:,} ({_fmt_count(info['params'])})")
+    print(f"  params      {info['params']:,} ({_fmt_count(info['params'])}) train form")
+    if info["params_deploy"] is not None:
+        print(f"              {info['params_deploy']:,} ({_fmt_count(info['params_deploy'])}) deploy form "
+              "(re-parameterized, BatchNorm folded)")
     print(f"  MACs        {info['macs']:,} ({info['macs'] / 1e9:.3f} G) at {info['input_size'][0]}x{info['input_size'][1]}")
     print(f"  resolution  {info['input_size'][0]}x{info['input_size'][1]}")
     feats = ", ".join(f"{f['name']}(s{f['stride']},{f['channels']}ch)" for f in info["feature_info"])

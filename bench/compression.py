@@ -171,7 +171,8 @@ def quant_rows(name, args, data, runs_dir):
     from export.compare import compare_tflite
     from export import to_tflite
     from export.latency import OtherLoad
-    from export.tflite import DEFAULT_INT8_KEEP_FLOAT
+    import zoo
+    from export.tflite import int8_float_pattern
     from train.loop import transforms
 
     (xtr, ytr), (xte, yte) = data
@@ -198,7 +199,7 @@ def quant_rows(name, args, data, runs_dir):
     q.model.init_from, q.compress.qat = cfg.workdir, True
     q.optim.lr, q.optim.schedule = args.qat_lr, "cosine"
     if name.startswith("mobilevit"):  # keep in float what the int8 exporter keeps float (LayerNorm, attention)
-        q.compress.qat_exclude = DEFAULT_INT8_KEEP_FLOAT
+        q.compress.qat_exclude = int8_float_pattern(zoo.create_model(name), None, (1, args.res, args.res, 3))
     qr = train.fit(q, train_data=(xtr, ytr), eval_data=(xev, yev))
     qat_res = to_tflite(qr.model, quantization="int8", representative_data=calib, progress=False,
                         verify_data=images[:64], verify_labels=yev[:64])

@@ -38,7 +38,7 @@ from flax import traverse_util
 
 from compress.fold_bn import BatchNormFolded, fold_bn, unfold_variables
 from compress.qat import STATS, QuantAware, fake_quant_weight
-from zoo.layers.conv import Conv2d
+from zoo.layers import kinds
 
 DEFAULT_BATCH = 32
 # The converter's dynamic-range mode leaves kernels with fewer elements than this in float
@@ -49,7 +49,7 @@ __all__ = ["correct_bias", "correctable_layers", "DYNAMIC_MIN_ELEMENTS"]
 
 
 def _is_weight_layer(module) -> bool:
-    return isinstance(module, (Conv2d, nn.Dense))
+    return kinds.is_weight_layer(module)
 
 
 def _layer_path(module) -> str:

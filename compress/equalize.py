@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from zoo.layers.conv import Conv2d
+from zoo.layers import kinds
 
 RELU6 = 6.0
 DEFAULT_MAX_SCALE = 16.0
@@ -66,6 +66,11 @@ def _path(module) -> str:
     return "/".join(module.path)
 
 
+def _is_conv(module: nn.Module) -> bool:
+    """A weight layer with spatial taps (HWIO kernel): the consumers whose input channels this pass scales."""
+    return kinds.is_weight_layer(module) and bool(kinds.kind_of(module).spatial_axes)
+
+
 def _traced_calls(module: nn.Module, variables: dict, probe) -> list[tuple[str, nn.Module, np.ndarray, np.ndarray]]:
     """Every BatchNorm and Conv2d call of the model on `probe`, in the order calls return: (path, module, first
     argument, output) with concrete arrays. Traced under jit: eager dispatch of a whole model costs 10+ s on CPU."""
@@ -77,7 +82,10 @@ def _traced_calls(module: nn.Module, variables: dict, probe) -> list[tuple[str, 
 
         def record(next_fun, args, kwargs, ctx):
             out = next_fun(*args, **kwargs)
-            if ctx.method_name == "__call__" and isinstance(ctx.module, (nn.BatchNorm, Conv2d)):
+            if ctx.method_name != "__call__":
+                return out
+            kinds.check_known(ctx.module, "activation equalization")
+            if kinds.is_folding_norm(ctx.module) or _is_conv(ctx.module):
                 seen.append((_path(ctx.module), ctx.module))
                 arrays.append((args[0] if args else next(iter(kwargs.values())), out))
             return out
@@ -105,10 +113,10 @@ def find_pairs(module: nn.Module, variables: dict, probe) -> tuple[Pair, ...]:
         counts[path] = counts.get(path, 0) + 1
     pairs, last_norm = [], None
     for path, mod, arr, out in calls:
-        if isinstance(mod, nn.BatchNorm):
+        if kinds.is_folding_norm(mod):
             last_norm = (path, np.asarray(out))
             continue
-        if not isinstance(mod, Conv2d):
+        if not _is_conv(mod):
             continue
         if last_norm is None or counts[path] > 1 or counts[last_norm[0]] > 1:
             continue
@@ -121,7 +129,7 @@ def find_pairs(module: nn.Module, variables: dict, probe) -> tuple[Pair, ...]:
             bound = None
         else:
             continue
-        depthwise = mod.groups > 1 and mod.groups == x.shape[-1] == mod.features
+        depthwise = kinds.is_depthwise(mod, x.shape[-1])
         if mod.groups > 1 and not depthwise:
             continue  # grouped convs mix the scaled channels within groups: not handled
         pairs.append(Pair(last_norm[0], path, depthwise, bound))
@@ -136,7 +144,7 @@ class _Maxima:
 
     def __call__(self, next_fun, args, kwargs, ctx):
         out = next_fun(*args, **kwargs)
-        if ctx.method_name == "__call__" and isinstance(ctx.module, nn.BatchNorm) and _path(ctx.module) in self.norms:
+        if ctx.method_name == "__call__" and kinds.is_folding_norm(ctx.module) and _path(ctx.module) in self.norms:
             self.out[_path(ctx.module)] = jnp.max(out, axis=tuple(range(out.ndim - 1)))
         return out
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from zoo.layers.conv import Conv2d
+from zoo.layers import kinds
 
 Pass = Callable[[nn.Module, dict], tuple[nn.Module, dict]]
 _WRAPPED_FIELDS = ("base", "float_module")  # what BatchNormFolded and compress.qat.QuantAware wrap
@@ -50,9 +50,10 @@ class _Recorder:
         out = next_fun(*args, **kwargs)
         if ctx.method_name != "__call__":
             return out
-        if isinstance(ctx.module, Conv2d):
+        kinds.check_known(ctx.module, "BatchNorm folding")
+        if kinds.is_weight_layer(ctx.module):
             self.conv_outputs.append((out, ctx.module.path))
-        elif isinstance(ctx.module, nn.BatchNorm):
+        elif kinds.is_folding_norm(ctx.module):
             x = args[0] if args else kwargs.get("x")
             for y, conv_path in reversed(self.conv_outputs):
                 if y is x:
@@ -74,7 +75,8 @@ def default_input_shape(module: nn.Module) -> tuple[int, int, int, int]:
 
 def find_conv_bn_pairs(module: nn.Module, variables: dict | None = None, input_shape=None
                        ) -> tuple[tuple[str, str, float], ...]:
-    """`(conv path, BatchNorm path, epsilon)` for every BatchNorm applied directly to a `Conv2d` output.
+    """`(weight layer path, BatchNorm path, epsilon)` for every folding norm applied directly to a weight layer's output
+    (conv or dense: `zoo.layers.kinds`); a parameter-holding layer of unknown kind raises `UnknownLayerKindError`.
 
     Traces `module` abstractly (no compilation) on `input_shape` (default: 64x64); `variables` may be None.
     """
@@ -109,9 +111,9 @@ class _FoldInterceptor:
         if ctx.method_name != "__call__":
             return next_fun(*args, **kwargs)
         m = ctx.module
-        if isinstance(m, nn.BatchNorm) and self._path(m) in self.bns:
+        if kinds.is_folding_norm(m) and self._path(m) in self.bns:
             return args[0] if args else kwargs["x"]  # folded into the preceding conv; statistics frozen there
-        if isinstance(m, Conv2d) and self._path(m) in self.convs:
+        if kinds.is_weight_layer(m) and self._path(m) in self.convs:
             y = next_fun(*args, **kwargs)
             if not m.use_bias:  # the folded BatchNorm's shift lives in the conv's scope as an ordinary bias
                 y = y + m.param("bias", nn.initializers.zeros, (m.features,)).astype(y.dtype)

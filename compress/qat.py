@@ -48,7 +48,7 @@ import numpy as np
 from flax import traverse_util
 
 from compress.fold_bn import default_input_shape
-from zoo.layers.conv import Conv2d
+from zoo.layers import kinds
 
 STATS = "quant_stats"
 _NESTED = contextvars.ContextVar("qat_nested", default=False)  # inside a quantized layer's own call
@@ -103,7 +103,7 @@ def fake_quant_activation(x, lo, hi, bits: int = 8):
 
 
 def _quantized_layer(module) -> bool:
-    return isinstance(module, (Conv2d, nn.Dense))
+    return kinds.is_weight_layer(module)
 
 
 class _QatInterceptor:
@@ -117,8 +117,12 @@ class _QatInterceptor:
 
     def __call__(self, next_fun, args, kwargs, ctx):
         m = ctx.module
-        if _NESTED.get() or ctx.method_name != "__call__" or not _quantized_layer(m):
+        if _NESTED.get() or ctx.method_name != "__call__":
             return next_fun(*args, **kwargs)
+        if not _quantized_layer(m):
+            out = next_fun(*args, **kwargs)
+            kinds.check_known(m, "quantization-aware training")  # never leave a weight layer silently float
+            return out
         path = self._path(m)
         if self.exclude is not None and self.exclude.search(f"/{path}/"):
             return next_fun(*args, **kwargs)

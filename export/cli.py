@@ -171,11 +171,12 @@ def _check_keep_float(args) -> None:
 
 def _keep_float_pattern(model, keep_float: str, hw) -> str | None:
     from export.sensitivity import check_parts, model_parts, parts_pattern
-    from export.tflite import DEFAULT_INT8_KEEP_FLOAT
+    from export.tflite import int8_float_pattern
 
     parts = [p.strip() for p in keep_float.split(",") if p.strip()]
     top = model_parts(model.module, model.variables, (1, *hw, model.cfg.in_chans))
-    return parts_pattern(check_parts(parts, top, model.variables), DEFAULT_INT8_KEEP_FLOAT)
+    default = int8_float_pattern(model.module, model.variables, (1, *hw, model.cfg.in_chans))
+    return parts_pattern(check_parts(parts, top, model.variables), default)
 
 
 def _sensitivity(model, calib, vdata, hw, out, args, baseline) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 from export.errors import ExportParityError
 from export.sensitivity import PartSensitivity, int8_sensitivity, parts_pattern
 from export.tflite import (DEFAULT_INT8_KEEP_FLOAT, ExportResult, _check_out, _resolve_model, _write_atomic,
-                           to_tflite)
+                           resolve_keep_float, to_tflite)
 
 DEFAULT_MAX_FLOAT_PARTS = 3
 
@@ -87,6 +87,7 @@ def mixed_int8(model_or_module, variables=None, *, representative_data, verify_d
                                                      export_options.pop("name", None), progress)
     x = np.asarray(verify_data)
     target = _target(min_agreement, min_sqnr_db)
+    default_keep = resolve_keep_float(DEFAULT_INT8_KEEP_FLOAT, module, variables, (1, *x.shape[1:]))
 
     def say(msg: str) -> None:
         if progress:
@@ -95,7 +96,7 @@ def mixed_int8(model_or_module, variables=None, *, representative_data, verify_d
     def export(kept: tuple[str, ...]) -> ExportResult:
         return to_tflite(module, variables, quantization="int8", representative_data=representative_data,
                          verify_data=x, cfg=cfg, name=name, progress=False,
-                         int8_keep_float=parts_pattern(kept, DEFAULT_INT8_KEEP_FLOAT), **export_options)
+                         int8_keep_float=parts_pattern(kept, default_keep), **export_options)
 
     def done(res: ExportResult, kept, ranking, tried, base: ExportResult) -> MixedInt8:
         if path is not None:

@@ -68,10 +68,10 @@ def split_rows(x) -> RowBands:
 def _pointwise(module, x):
     """`module` (a 1x1 stride-1 Conv2d or an inference-mode BatchNorm) on x, from its variables: the module's own
     call may run only once per trace (it would create its parameters a second time)."""
-    import flax.linen as nn
+    from zoo.layers import kinds
 
     params = module.variables["params"]
-    if isinstance(module, nn.BatchNorm):
+    if kinds.is_folding_norm(module):
         stats = module.variables["batch_stats"]
         scale = params["scale"] / jnp.sqrt(stats["var"] + module.epsilon)
         return (x - stats["mean"]) * scale + params["bias"]
@@ -81,14 +81,11 @@ def _pointwise(module, x):
 
 
 def _is_pointwise(module) -> bool:
-    import flax.linen as nn
+    from zoo.layers import kinds
 
-    from zoo.layers.conv import Conv2d
-
-    if isinstance(module, nn.BatchNorm):
+    if kinds.is_folding_norm(module):
         return bool(module.use_running_average)  # training-mode statistics need the whole map: joined instead
-    return (isinstance(module, Conv2d) and module.stride == 1 and module.groups == 1
-            and "kernel" in module.variables.get("params", {})
+    return (kinds.is_pointwise(module) and "kernel" in module.variables.get("params", {})
             and tuple(np.shape(module.variables["params"]["kernel"])[:2]) == (1, 1))
 
 

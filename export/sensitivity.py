@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export.tflite import DEFAULT_INT8_KEEP_FLOAT, _resolve_model, to_tflite
+from export.tflite import DEFAULT_INT8_KEEP_FLOAT, _resolve_model, resolve_keep_float, to_tflite
 
 BASELINE = "(none: all int8)"
 
@@ -145,7 +145,8 @@ def int8_sensitivity(model_or_module, variables=None, *, representative_data, ve
         raise ValueError(f"verify_data must be a float NHWC batch, got shape {x.shape}")
     available = model_parts(module, variables, (1, *x.shape[1:]))
     parts = check_parts(available if parts is None else parts, available, variables)
-    keep = export_options.pop("int8_keep_float", DEFAULT_INT8_KEEP_FLOAT)
+    keep = resolve_keep_float(export_options.pop("int8_keep_float", DEFAULT_INT8_KEEP_FLOAT), module, variables,
+                              (1, *x.shape[1:]))
 
     def export(part: str | None):
         pattern = parts_pattern((part,) if part else (), keep)

@@ -36,7 +36,8 @@ DEFAULT_NUM_VERIFY = 8
 # they ruin accuracy and fall off XNNPACK: a random-weight MobileViT-XXS at 128x128 went from -0.9 dB output SQNR,
 # 66% top-1 agreement and 52 delegate partitions (ADD, RSQRT, BATCH_MATMUL, SOFTMAX on builtin kernels) to 9.9 dB,
 # 89% and 1 partition, and ran faster (4.6 -> 3.8 ms), with them in float.
-DEFAULT_INT8_KEEP_FLOAT = r"/(norm\d*|attn)/"
+# "auto": the layers whose kind keeps float in int8 (zoo.layers.kinds: LayerNorm, softmax attention), by module path.
+DEFAULT_INT8_KEEP_FLOAT = "auto"
 # How full-int8 activation ranges are chosen from the calibration data: the converter's own min/max, or replaced
 # before quantization by percentile clipping or the int8 MSE-optimal range (export.ptq_ranges).
 CALIBRATIONS = ("minmax", "percentile", "mse")
@@ -162,6 +163,26 @@ def _tensor_names(content: bytes) -> list[str]:
         g = model.Subgraphs(si)
         names += [(g.Tensors(i).Name() or b"").decode() for i in range(g.TensorsLength())]
     return names
+
+
+def int8_float_pattern(module, variables=None, input_shape=None) -> str | None:
+    """The "auto" `int8_keep_float`: a regex over the module paths of every layer whose kind the layer-kinds table
+    keeps float in int8 files (None when the model has none). `variables` may be None (abstract init)."""
+    import jax
+    import jax.numpy as jnp
+
+    from compress.fold_bn import default_input_shape
+    from zoo.layers import kinds
+
+    x = jax.ShapeDtypeStruct(tuple(input_shape or default_input_shape(module)), jnp.float32)
+    if variables is None:
+        variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
+    return kinds.float_in_int8_pattern(module, variables, x)
+
+
+def resolve_keep_float(keep_float: str | None, module, variables, input_shape) -> str | None:
+    """`int8_keep_float` as a regex: "auto" becomes `int8_float_pattern`, anything else is returned as given."""
+    return int8_float_pattern(module, variables, input_shape) if keep_float == "auto" else keep_float
 
 
 def wants_float(variables, keep_float: str | None) -> bool:
@@ -447,7 +468,8 @@ def to_tflite(
     int8_friendly_activations: for "int8", trace hard-swish as MUL/ADD/MUL, which XNNPACK runs in int8
         (see `export.rewrites`); False keeps the HARD_SWISH op.
     int8_keep_float: regex over module paths (e.g. "/attn/") whose ops stay float in an "int8" export (float
-        islands, reported); default: LayerNorm and attention of transformer blocks. None quantizes everything.
+        islands, reported); "auto" (default): the layers whose kind keeps float (`zoo.layers.kinds`: LayerNorm,
+        softmax attention). None quantizes everything.
     int8_split_top_row: for "int8", a regex over module paths (e.g. "stages_5/") of inverted-residual blocks whose
         residual stream is carried as two int8 tensors, first row and other rows, each with its own scale: the same
         function, for streams whose outliers sit on the border (see `export.row_split`; MobileNetV2: "stages_5/").
@@ -496,6 +518,10 @@ def to_tflite(
         raise ValueError(f"input_hw must be (H, W) with positive sizes, got {input_hw!r}")
     cfg = cfg.replace(input_size=hw)
     shape = (batch, *hw, cfg.in_chans)
+    # Deploy form first: multi-branch blocks become one conv (BatchNorm folding is the converter's own step).
+    from compress.deploy import reparameterize
+
+    module, variables = reparameterize(module, variables, input_shape=(1, *shape[1:]))
 
     calib = None
     if representative_data is not None:
@@ -516,6 +542,8 @@ def to_tflite(
     from export.trace import import_tf, stablehlo_versions, trace_concrete_function
 
     tf = import_tf()
+    if q == "int8":
+        int8_keep_float = resolve_keep_float(int8_keep_float, module, variables, shape)
     keep = int8_keep_float if (q == "int8" and wants_float(variables, int8_keep_float)) else None
     # a quantization-aware model (its `quant_stats` collection) already trained its kernels and biases for int8
     trained = "quant_stats" in variables

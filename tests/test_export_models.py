@@ -239,7 +239,7 @@ def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_
     if quantization == "int8":
         assert res.ops.quantized_activations
         assert "HARD_SWISH" not in res.ops.ops  # rewritten for XNNPACK (export.rewrites)
-        if family == "mobilevit":  # LayerNorm and attention kept in float (export.tflite.DEFAULT_INT8_KEEP_FLOAT)
+        if family == "mobilevit":  # LayerNorm and attention kept in float (export.tflite.int8_float_pattern)
             assert len(res.ops.float_islands) > 0
         else:
             assert not res.ops.float_islands
@@ -250,12 +250,12 @@ def test_mobilenetv2_int8_with_stages_5_6_float_reaches_the_bar(photos, offline_
     ten exports, runs in bench/mixed_int8.py; here its outcome is exported once). Measured on those 64: 95.3%,
     24.5 dB; on all 256 (module doc): 94.9%, 24.4 dB."""
     from export.sensitivity import parts_pattern
-    from export.tflite import DEFAULT_INT8_KEEP_FLOAT
+    from export.tflite import int8_float_pattern
 
     module, variables, cfg, x, _, calib = _setup("mobilenetv2", photos)
     res = to_tflite(module, variables, cfg=cfg, quantization="int8", representative_data=calib, verify_data=x,
                     calibration="percentile", int8_keep_float=parts_pattern(("stages_5", "stages_6"),
-                                                                            DEFAULT_INT8_KEEP_FLOAT),
+                                                                            int8_float_pattern(module, variables)),
                     int8_split_top_row=None, progress=False)
     v = res.verification
     print(f"\nmobilenetv2 int8, stages 5-6 float: {v.summary()}\n  {res.delegate.summary()}")

@@ -318,15 +318,25 @@ def test_cli_trains_and_evaluates_a_zoo_model_in_bfloat16(tmp_path, digits, caps
     run = tmp_path / "run"
     args = ["train", "--model", "mobilenetv3_small_050", "--scratch", "--data", f"folder:{root}", "--steps", "2",
             "--image-size", "32", "--batch-size", "8", "--workdir", str(run), "--no-progress",
-            "--set", "model.dtype=bfloat16", "--set", "optim.trainable=^head/", "--set", "log_every=1"]
+            "--set", "model.dtype=bfloat16", "--set", "optim.trainable=^head/", "--set", "log_every=1",
+            "--set", 'model.kwargs={"bn_eps": 0.001}']
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and 0.0 <= summary["accuracy"] <= 1.0
     assert main(["eval", "--workdir", str(run), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["accuracy"] == pytest.approx(summary["accuracy"])
-    model = train.load_run(run)
+    model = train.load_run(run)  # rebuilt from the recorded create_model arguments, the family-specific one too
     assert model.cfg.input_size == (32, 32) and model.module.dtype == jax.numpy.bfloat16
+    assert model.module.bn_eps == 0.001
+
+
+def test_a_recorded_model_argument_the_model_no_longer_takes_is_named():
+    from train.checkpoint import CheckpointError
+    from train.loop import _create_recorded
+
+    with pytest.raises(CheckpointError, match=r"create_model arguments \{'exits': 3\}.*does not take"):
+        _create_recorded("mobilenetv3_small_050", {"exits": 3}, num_classes=10)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd", "rmsprop", "lamb"])

@@ -31,6 +31,8 @@ class ModelConfig:
     drop_path_rate: float | None = None  # stochastic depth; None keeps the model's default
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (parameters and optimizer stay float32)
     init_from: str | None = None  # a previous run's workdir whose weights initialize this run
+    # further zoo.create_model keyword arguments of the family, as JSON: model.kwargs='{"deploy": false}'
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

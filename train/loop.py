@@ -85,7 +85,29 @@ def _overrides(mcfg) -> dict:
         out["drop_path_rate"] = mcfg.drop_path_rate
     if mcfg.dtype not in ("float32", "", None):
         out["dtype"] = _dtype(mcfg.dtype)
-    return out
+    clash = sorted(set(out) & set(mcfg.kwargs or {}))
+    if clash:
+        raise ConfigError(f"model.kwargs repeats {clash}: set them as model.{clash[0]}=... instead")
+    return {**out, **(mcfg.kwargs or {})}
+
+
+def _recorded_kwargs(overrides: dict) -> dict:
+    """`create_model` keyword arguments as JSON values (a dtype by its name), for the run metadata."""
+    return {k: (jnp.dtype(v).name if k == "dtype" else v) for k, v in overrides.items()}
+
+
+def _replayed_kwargs(recorded: dict) -> dict:
+    return {k: (_dtype(v) if k == "dtype" else v) for k, v in recorded.items()}
+
+
+def _create_recorded(name: str, recorded: dict, **fixed):
+    """`zoo.create_model` with a run's recorded arguments; arguments the model no longer takes are named."""
+    try:
+        return zoo.create_model(name, **fixed, **_replayed_kwargs(recorded))
+    except TypeError as e:
+        raise CheckpointError(f"the run built '{name}' with create_model arguments {recorded}, which this version "
+                              f"of the model does not take ({e}); load it with load_run(..., model=<a zoo.Model of "
+                              "the same structure>)") from None
 
 
 def _dtype(name: str):
@@ -163,8 +185,11 @@ def transforms(cfg: TrainConfig, model_cfg: ModelCfg) -> tuple[Transform, Transf
 
 
 def model_meta(model: zoo.Model, cfg: TrainConfig) -> dict:
+    """What built the model, verbatim: `load_run` replays `create_kwargs` and then `transforms`, in order."""
+    transforms = [t for t, on in (("prune", bool(cfg.compress.prune_ratio)), ("qat", cfg.compress.qat)) if on]
     return {"name": model.cfg.name, "num_classes": model.cfg.num_classes, "in_chans": model.cfg.in_chans,
-            "dtype": cfg.model.dtype, "drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
+            "dtype": cfg.model.dtype, "drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate,
+            "create_kwargs": _recorded_kwargs(_overrides(cfg.model)), "transforms": transforms}
 
 
 def _setup_jax(cfg: TrainConfig) -> None:
@@ -477,15 +502,18 @@ def load_run(workdir: str | Path, *, which: str = "best", ema: bool = True, mode
             module, cfg = model.module, model.cfg
         else:
             cfg = ModelCfg.from_dict(meta["model_cfg"])
-            overrides = {k: mm[k] for k in ("drop_rate", "drop_path_rate") if mm.get(k) is not None}
-            if mm.get("dtype") not in (None, "float32"):
-                overrides["dtype"] = _dtype(mm["dtype"])
+            if "create_kwargs" in mm:
+                overrides = _replayed_kwargs(mm["create_kwargs"])
+            else:  # a run recorded before create_kwargs were: its known fields
+                overrides = {k: mm[k] for k in ("drop_rate", "drop_path_rate") if mm.get(k) is not None}
+                if mm.get("dtype") not in (None, "float32"):
+                    overrides["dtype"] = _dtype(mm["dtype"])
             if mm.get("architecture"):  # pruned: the registered base with the recorded channel widths
                 module = compress_cfg.rebuild(mm["architecture"], num_classes=mm["num_classes"],
                                               in_chans=mm["in_chans"], **overrides)
             else:
-                module = zoo.create_model(mm["name"], num_classes=mm["num_classes"], in_chans=mm["in_chans"],
-                                          **overrides)
+                module = _create_recorded(mm["name"], _recorded_kwargs(overrides), num_classes=mm["num_classes"],
+                                          in_chans=mm["in_chans"])
         raw = ckpt.restore_raw(step, which)
     finally:
         ckpt.close()

@@ -29,6 +29,7 @@ from zoo.layers.activations import get_act
 from zoo.layers.blocks import drop_path
 from zoo.layers.conv import Conv2d
 from zoo.layers.norm import BN_EPS_TORCH, batch_norm
+from zoo.layers import kinds
 from zoo.models.mobilenet_base import make_divisible
 from zoo.models._pretrained import timm_weights
 from zoo.registry import register_model
@@ -174,6 +175,9 @@ class Attention(nn.Module):
         attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
         x = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, c)
         return nn.Dense(c, dtype=self.dtype, name="proj")(x)
+
+
+kinds.register(Attention, kinds.LayerKind("attention", int8="float"))  # softmax of activations: float in int8 files
 
 
 class Mlp(nn.Module):
