@@ -96,6 +96,30 @@ def perturb_batchnorm(model, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
+def calibrate_batchnorm(model, x_nchw) -> None:
+    """Running statistics of every BatchNorm set to its input's statistics on `x` (one forward in train mode).
+
+    Keeps every BN output at the scale `perturb_batchnorm`'s affine parameters give it, whatever the architecture:
+    where a block sums several BN branches (MobileOne: 2-6, over 40+ blocks), fixed statistics let activations grow
+    ~3x per block to ~1e7, and float32 logits of any implementation then differ by ~1e-4. The affine parameters keep
+    their perturbed values, so a conversion mistake in them still shows.
+    """
+    import torch
+
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: after one batch, that batch's statistics
+    model.train()
+    with torch.no_grad():
+        model(x_nchw)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 def scale_classifier_to_trained_spread(model, x_nchw, target_std: float = 3.0) -> None:
     """Rescale the last Linear so logits on `x` have the spread of a trained ImageNet model (std ~3).
 

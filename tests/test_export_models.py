@@ -49,6 +49,16 @@ tell the photos apart only 72-84% of the time. The random-weight classifier is a
 weights: built the same way for the two architectures that have real weights (128x128, the same crops, percentile
 ranges), its full-int8 logits SQNR is 13.4 dB (MobileNetV2) and 12.4 dB (EfficientNet-Lite0), where their real weights
 give 18.5 and 21.3 dB.
+
+MobileOne (mobileone_s0, random weights, 128x128) is exported in its deploy form (`compress.deploy`: each block one
+conv), which quantizes worse than the other random-weight families: every fused kernel sums 2-6 branches, and where
+the block has an identity branch its kernel's centre tap carries a diagonal of ~1/std(input) over off-diagonal
+entries ~1/sqrt(channels), so one per-channel int8 scale leaves the off-diagonal weights a few levels (the
+re-parameterization/quantization conflict of QARepVGG, arXiv:2212.01593). Measured on the AMD EPYC, 64 crops: dynamic
+89.1% top-1 agreement at 22.2 dB (flips at JAX margins <= 0.41 only; 79.7% without bias correction), int8 62.5% at 8.4 dB (68.8%
+at 10.0 dB without bias correction). Its bars (`BARS`) are therefore set below the measurements with room for
+another CPU: dynamic >= 84% with every decisive crop agreeing, int8 >= 55% and >= 6 dB. No offline MobileOne weights
+exist here, so how trained weights quantize is not measured.
 """
 
 from __future__ import annotations
@@ -76,7 +86,8 @@ ALL = zoo.list_models()
 # largest width.
 SWEEP = ["mobilenet_v2", "mobilenetv2_050", "mobilenet_v3_large", "mobilenet_v3_small", "mobilenetv3_large_100",
          "mobilenetv3_small_050", "tf_mobilenetv3_large_100", "tf_mobilenetv3_small_minimal_100", "efficientnet_b0",
-         "tf_efficientnet_b0", "efficientnet_lite0", "tf_efficientnet_lite0", "mobilevit_xxs", "mobilevit_s"]
+         "tf_efficientnet_b0", "efficientnet_lite0", "tf_efficientnet_lite0", "mobilevit_xxs", "mobilevit_s",
+         "mobileone_s0"]
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
@@ -179,11 +190,14 @@ FAMILIES = {
     "mobilenetv3": ("mobilenetv3_large_100", "random", 128),
     "efficientnet": ("efficientnet_b0", "random", 128),
     "mobilevit": ("mobilevit_xxs", "random", 128),
+    "mobileone": ("mobileone_s0", "random", 128),
 }
 _SETUPS: dict = {}
 # Verification crops (module doc): 64 from seed 0; the families with real weights get 192 more (seeds 100-102), since
 # on 64 crops one flipped near-tie moves agreement by 1.6 points.
 VERIFY_SEEDS = {"pretrained": (0, 100, 101, 102), "random": (0,)}
+# (family, quantization): (top-1 agreement, SQNR dB) floors where the shared ones do not hold (module doc)
+BARS = {("mobileone", "dynamic"): (0.84, 15.0), ("mobileone", "int8"): (0.55, 6.0)}
 # the stages whose residual streams int8 exports split by rows (to_tflite's default "auto", export.row_split)
 INT8_SPLIT_TOP_ROW = {"mobilenetv2": "stages_5/"}
 
@@ -231,6 +245,10 @@ def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_
         assert v.sqnr_db >= 21.5 and v.top1_agreement >= 0.89
         assert v.decisive_agreement == 1.0  # flips at near-ties only
         assert res.ops.ops.get("SLICE", 0) >= 6 and res.ops.ops.get("CONCATENATION", 0) >= 3
+    elif (family, quantization) in BARS:  # deploy-form MobileOne (module doc)
+        min_agreement, min_sqnr = BARS[family, quantization]
+        assert v.decisive_agreement in (None, 1.0)
+        assert v.top1_agreement >= min_agreement and v.sqnr_db >= min_sqnr
     elif quantization != "int8" or weights == "pretrained":
         assert v.top1_agreement >= 0.95
     else:  # random weights: margins are set by the head's scale, so judge by SQNR and agreement floors (module doc)

@@ -13,7 +13,7 @@ from zoo.registry import get_entry
 from reference import reference_counts
 
 ALL = zoo.list_models()
-FAMILIES = {"mobilenetv2", "mobilenetv3", "efficientnet", "efficientnet_lite", "mobilevit"}
+FAMILIES = {"mobilenetv2", "mobilenetv3", "efficientnet", "efficientnet_lite", "mobilevit", "mobileone", "levit"}
 
 
 def test_every_family_is_registered():

@@ -1,5 +1,7 @@
 """Tier 3: the twin's (timm/torchvision) weights converted to the zoo give the twin's logits within 1e-4 (fp32,
 default resolution). The checkpoint goes through the whole user path: torch.save -> zoo.load(weights=file).
+BatchNorm affine parameters are perturbed and running statistics set from the test images
+(`reference.calibrate_batchnorm`), so activations keep a trained network's scale in every architecture.
 
 The zoo (float32) must be within 1e-4 of the twin in float32. Where it is not, the twin is evaluated in float64 as
 the exact reference: for deep high-resolution models (EfficientNet-Lite3/4) the twin's own float32 result is ~1.3e-4
@@ -15,7 +17,7 @@ import torch
 import zoo
 from zoo.registry import get_entry
 
-from reference import perturb_batchnorm, random_images, scale_classifier_to_trained_spread, twin_model
+from reference import calibrate_batchnorm, perturb_batchnorm, random_images, scale_classifier_to_trained_spread, twin_model
 
 PARITY = [n for n in zoo.list_models() if get_entry(n).cfg.twin]
 
@@ -28,6 +30,7 @@ def test_converted_twin_matches_logits(name, tmp_path):
     perturb_batchnorm(twin)
     x = random_images(2, cfg.input_size)
     x_nchw = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    calibrate_batchnorm(twin, x_nchw)
     scale_classifier_to_trained_spread(twin, x_nchw)
     path = tmp_path / "twin.pth"
     torch.save(twin.state_dict(), path)

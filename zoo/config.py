@@ -34,7 +34,9 @@ class ModelCfg:
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
-    first_conv: str = "stem/conv"  # parameter path adapted when in_chans != 3
+    # module path(s) whose kernel is adapted when in_chans != 3 (a tuple where the stem reads the image in several
+    # branches, as MobileOne's)
+    first_conv: str | tuple[str, ...] = "stem/conv"
     classifier: str = "head/fc"  # parameter path re-initialized when num_classes differs
     feature_info: tuple[FeatureInfo, ...] = ()
     paper: str = ""  # where the variant's table comes from

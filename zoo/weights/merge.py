@@ -30,17 +30,19 @@ def merge_variables(
     checkpoint: Mapping[str, np.ndarray],
     *,
     reset: tuple[str, ...] = (),
-    first_conv: str | None = None,
+    first_conv: str | tuple[str, ...] | None = None,
 ) -> dict:
     """Replace every leaf of `init_variables` by the checkpoint array of the same flat name.
 
     `init_variables` may be abstract (`jax.eval_shape` of init): no random initialization is needed to load weights.
     `reset`: module paths (e.g. the classifier) that keep their initialized values, or become zeros when abstract
-    (a zero-initialized head is big_vision's default for fine-tuning). `first_conv`: module path
+    (a zero-initialized head is big_vision's default for fine-tuning). `first_conv`: module path(s)
     whose kernel may differ in input channels and is adapted. Any other missing, unexpected or mis-shaped array
     raises `WeightsMismatchError` listing them all.
     """
     init = _flat(init_variables)
+    first_convs = {first_conv} if isinstance(first_conv, str) else set(first_conv or ())
+    adapted = {f"params/{path}/kernel" for path in first_convs}
 
     def is_reset(key: str) -> bool:
         path = key.split("/", 1)[1]
@@ -54,7 +56,7 @@ def merge_variables(
             merged[key] = np.zeros(value.shape, value.dtype) if isinstance(value, jax.ShapeDtypeStruct) else value
             continue
         ckpt = np.asarray(checkpoint[key])
-        if first_conv and key == f"params/{first_conv}/kernel" and ckpt.shape[2] != value.shape[2]:
+        if key in adapted and ckpt.shape[2] != value.shape[2]:
             ckpt = adapt_input_conv(ckpt, value.shape[2])
         if ckpt.shape != tuple(value.shape):
             misshaped.append(f"{key}: checkpoint {ckpt.shape} vs model {tuple(value.shape)}")

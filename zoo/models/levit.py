@@ -1,0 +1,382 @@
+"""LeViT (Graham et al., "LeViT: a Vision Transformer in ConvNet's Clothing for Faster Inference", arXiv:2104.01136),
+the 128S / 128 / 192 / 256 / 384 variants as timm builds them (`timm/models/levit.py`, `levit_*`: the nn.Linear form).
+
+A 16x16 patchify stem of four 3x3/2 conv+BN (hard-swish between them), then three stages of attention blocks on the
+tokens of the 14x14 (224x224 input) map: every block is x + attention(x) and x + MLP(x), with no LayerNorm; every
+projection is Linear+BatchNorm (`zoo.layers.linear_bn.LinearBn`), so the deployed network is plain matrix products.
+Attention has a learned bias per head and relative offset (|dy|, |dx|) in place of position embeddings, and
+hard-swish before its output projection. Between stages a "shrink attention" block subsamples the queries 2x
+(keys and values keep the full map), widens the tokens, and is followed by a residual MLP. The classifier is
+LeViT's distilled head: two BatchNorm+Linear heads on the pooled tokens, whose logits are averaged (timm's eval
+output, and its training output unless `distilled_training` is set, which the zoo does not offer).
+
+The attention biases are sized by the token map, so a model's parameters follow its input resolution (timm's
+`img_size`, `fixed_input_size=True`): weights for 224x224 load into a model run at 224x224 only.
+
+The blocks run on NHWC maps (attention reshapes to tokens inside), so every stage output is a feature map. Parameter
+names mirror timm's module names (`stem/conv1/linear`, `stages_1/downsample/attn_downsample/kv/bn`,
+`stages_0/blocks_1/attn/attention_biases`, `stages_2/blocks_3/mlp/ln2/linear`); the timm key map is a few
+substitutions (`timm_rename`). The two heads are `head/bn`, `head/bn_dist`, `head/fc/head`, `head/fc/head_dist`,
+so that the classifier (`head/fc`, re-initialized for another number of classes) does not include the BatchNorms.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo.config import FeatureInfo, ModelCfg
+from zoo.inputs import check_images
+from zoo.layers import kinds
+from zoo.layers.activations import get_act
+from zoo.layers.blocks import drop_path
+from zoo.layers.conv import Conv2d
+from zoo.layers.linear_bn import Conv2dBn, LinearBn, bn_affine, norm_eps
+from zoo.layers.norm import BN_EPS_TORCH, batch_norm
+from zoo.models._pretrained import timm_weights
+from zoo.registry import register_model
+
+ModuleDef = Any
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: `depth` attention blocks of width `dim` with `num_heads` heads. Every stage but the first starts
+    with a shrink-attention block (queries subsampled 2x, `in_dim // key_dim` heads) to `dim`."""
+
+    dim: int
+    depth: int
+    num_heads: int
+
+
+# LeViT variants (timm's `model_cfgs`, the paper's architecture table); key_dim D = 16 (128S, 128) or 32.
+# Attention and MLP ratios are 2 in the blocks; a shrink block has value ratio 4 and MLP ratio 2.
+LEVIT_128S = (Stage(128, 2, 4), Stage(256, 3, 6), Stage(384, 4, 8))  # stages at 14x14, 7x7, 4x4 (224x224 in)
+LEVIT_128 = (Stage(128, 4, 4), Stage(256, 4, 8), Stage(384, 4, 12))
+LEVIT_192 = (Stage(192, 4, 3), Stage(288, 4, 5), Stage(384, 4, 6))
+LEVIT_256 = (Stage(256, 4, 4), Stage(384, 4, 6), Stage(512, 4, 8))
+LEVIT_384 = (Stage(384, 4, 6), Stage(512, 4, 9), Stage(768, 4, 12))
+
+Stages = tuple[Stage, ...]
+
+ATTN_RATIO, MLP_RATIO = 2.0, 2.0  # blocks
+DOWN_ATTN_RATIO, DOWN_MLP_RATIO = 4.0, 2.0  # shrink-attention blocks
+
+
+def feature_info(stages: Stages) -> tuple[FeatureInfo, ...]:
+    """The stem's first three convs (strides 2, 4, 8, after their hard-swish) and the first two stages (16, 32).
+
+    The last stage (stride 64, `stages_2`) is left out: the zoo's feature pyramids end at stride 32.
+    """
+    e = stages[0].dim
+    return (FeatureInfo("stem/conv1", 2, e // 8), FeatureInfo("stem/conv2", 4, e // 4),
+            FeatureInfo("stem/conv3", 8, e // 2), FeatureInfo("stages_0", 16, stages[0].dim),
+            FeatureInfo("stages_1", 32, stages[1].dim))
+
+
+def attention_bias_index(hw: tuple[int, int], stride: int = 1) -> np.ndarray:
+    """(queries, keys) index into a head's biases: |dy| * W + |dx| between query and key positions of an (H, W) map,
+    the queries on every `stride`-th row and column (the keys on all), both in row-major order."""
+    h, w = hw
+    ky, kx = (a.reshape(-1) for a in np.meshgrid(np.arange(h), np.arange(w), indexing="ij"))
+    qy, qx = (a.reshape(-1) for a in np.meshgrid(np.arange(0, h, stride), np.arange(0, w, stride), indexing="ij"))
+    return np.abs(qy[:, None] - ky[None]) * w + np.abs(qx[:, None] - kx[None])
+
+
+def _attend(q, k, v, biases, index, scale):
+    """softmax(q k^T * scale + bias) v per head; q (B, Nq, heads, d), k (B, N, heads, d), v (B, N, heads, dv)."""
+    attn = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    attn = attn + jnp.take(biases, jnp.asarray(index), axis=1).astype(attn.dtype)  # (heads, Nq, N)
+    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v)
+    return out.reshape(*out.shape[:2], -1)
+
+
+class Attention(nn.Module):
+    """LeViT attention on an NHWC map: LinearBn qkv (per head: key_dim q, key_dim k, attn_ratio * key_dim v), attention
+    with a learned bias per relative offset, act, LinearBn projection back to the input width."""
+
+    num_heads: int
+    key_dim: int
+    attn_ratio: float
+    linear: ModuleDef  # LinearBn with the network's dense, norm and form bound
+    act: str = "hard_swish"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        b, h, w, c = x.shape
+        heads, kd, vd = self.num_heads, self.key_dim, int(self.attn_ratio * self.key_dim)
+        qkv = self.linear(heads * (2 * kd + vd), name="qkv")(x.reshape(b, h * w, c), train)
+        qkv = qkv.reshape(b, h * w, heads, 2 * kd + vd)
+        q, k, v = qkv[..., :kd], qkv[..., kd:2 * kd], qkv[..., 2 * kd:]
+        biases = self.param("attention_biases", nn.initializers.zeros, (heads, h * w))
+        x = _attend(q, k, v, biases, attention_bias_index((h, w)), kd**-0.5)
+        x = self.linear(c, name="proj")(get_act(self.act)(x), train)
+        return x.reshape(b, h, w, c)
+
+
+class AttentionSubsample(nn.Module):
+    """LeViT's shrink attention: keys and values from every position, queries from every `stride`-th row and column
+    (timm's "subsample" Downsample), output `out_dim` wide at the queries' resolution."""
+
+    out_dim: int
+    num_heads: int
+    key_dim: int
+    attn_ratio: float
+    linear: ModuleDef
+    act: str = "hard_swish"
+    stride: int = 2
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        b, h, w, c = x.shape
+        heads, kd, vd = self.num_heads, self.key_dim, int(self.attn_ratio * self.key_dim)
+        kv = self.linear(heads * (kd + vd), name="kv")(x.reshape(b, h * w, c), train).reshape(b, h * w, heads, kd + vd)
+        k, v = kv[..., :kd], kv[..., kd:]
+        xq = x[:, ::self.stride, ::self.stride]
+        hq, wq = xq.shape[1:3]
+        q = self.linear(heads * kd, name="q")(xq.reshape(b, hq * wq, c), train).reshape(b, hq * wq, heads, kd)
+        biases = self.param("attention_biases", nn.initializers.zeros, (heads, h * w))
+        x = _attend(q, k, v, biases, attention_bias_index((h, w), self.stride), kd**-0.5)
+        x = self.linear(self.out_dim, name="proj")(get_act(self.act)(x), train)
+        return x.reshape(b, hq, wq, self.out_dim)
+
+
+# softmax of activations: float in int8 files; the attention biases are the module's own parameters
+kinds.register(Attention, kinds.LayerKind("attention", int8="float"))
+kinds.register(AttentionSubsample, kinds.LayerKind("attention", int8="float"))
+
+
+class Mlp(nn.Module):
+    """LinearBn to `hidden` -> act -> LinearBn back to the input width (timm's LevitMlp, `ln1`, `ln2`)."""
+
+    hidden: int
+    linear: ModuleDef
+    act: str = "hard_swish"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        c = x.shape[-1]
+        x = get_act(self.act)(self.linear(self.hidden, name="ln1")(x, train))
+        return self.linear(c, name="ln2")(x, train)
+
+
+class Block(nn.Module):
+    """x + attn(x), then x + mlp(x); stochastic depth on both branches."""
+
+    dim: int
+    num_heads: int
+    key_dim: int
+    linear: ModuleDef
+    act: str = "hard_swish"
+    drop_path_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        y = Attention(self.num_heads, self.key_dim, ATTN_RATIO, self.linear, self.act, name="attn")(x, train)
+        x = x + drop_path(y, self.drop_path_rate, train, self)
+        y = Mlp(int(self.dim * MLP_RATIO), self.linear, self.act, name="mlp")(x, train)
+        return x + drop_path(y, self.drop_path_rate, train, self)
+
+
+class Downsample(nn.Module):
+    """Shrink attention to `out_dim` (no residual: width and resolution change), then x + mlp(x)."""
+
+    out_dim: int
+    key_dim: int
+    linear: ModuleDef
+    act: str = "hard_swish"
+    drop_path_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        heads = x.shape[-1] // self.key_dim
+        x = AttentionSubsample(self.out_dim, heads, self.key_dim, DOWN_ATTN_RATIO, self.linear, self.act,
+                               name="attn_downsample")(x, train)
+        y = Mlp(int(self.out_dim * DOWN_MLP_RATIO), self.linear, self.act, name="mlp")(x, train)
+        return x + drop_path(y, self.drop_path_rate, train, self)
+
+
+class LevitStage(nn.Module):
+    stage: Stage
+    key_dim: int
+    downsample: bool
+    linear: ModuleDef
+    act: str = "hard_swish"
+    drop_path_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        s = self.stage
+        if self.downsample:
+            x = Downsample(s.dim, self.key_dim, self.linear, self.act, self.drop_path_rate, name="downsample")(x, train)
+        for j in range(s.depth):
+            x = Block(s.dim, s.num_heads, self.key_dim, self.linear, self.act, self.drop_path_rate,
+                      name=f"blocks_{j}")(x, train)
+        return x
+
+
+class Stem16(nn.Module):
+    """Four 3x3/2 conv+BN, widths dim/8, dim/4, dim/2, dim; act after all but the last. Returns (x, [the first
+    three outputs])."""
+
+    dim: int
+    conv_bn: ModuleDef
+    act: str = "hard_swish"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        feats = []
+        for i, div in enumerate((8, 4, 2, 1)):
+            last = div == 1
+            x = self.conv_bn(self.dim // div, 3, 2, act=None if last else self.act, name=f"conv{i + 1}")(x, train)
+            if not last:
+                feats.append(x)
+        return x, feats
+
+
+class _HeadPair(nn.Module):
+    """The two classifiers' Dense layers under one scope (`fc/head`, `fc/head_dist`)."""
+
+    num_classes: int
+    dense: ModuleDef
+
+    @nn.compact
+    def __call__(self, x, x_dist):
+        return (self.dense(self.num_classes, name="head")(x),
+                self.dense(self.num_classes, name="head_dist")(x_dist))
+
+
+class DistilledHead(nn.Module):
+    """Two BatchNorm -> dropout -> Linear heads on the same pooled features, logits averaged (timm's NormLinear
+    `head` and `head_dist`, LevitDistilled's output). `deploy=True`: one Dense (`fc`) computing the average.
+    `num_classes=0`: the pooled features."""
+
+    num_classes: int
+    drop_rate: float = 0.0
+    dense: ModuleDef = nn.Dense
+    norm: ModuleDef = batch_norm(BN_EPS_TORCH)
+    deploy: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.num_classes <= 0:
+            return x
+        if self.deploy:
+            return self.dense(self.num_classes, name="fc")(x).astype(jnp.float32)
+        y = self.norm(use_running_average=not train, name="bn")(x)
+        y_dist = self.norm(use_running_average=not train, name="bn_dist")(x)
+        y = nn.Dropout(self.drop_rate)(y, deterministic=not train)
+        y_dist = nn.Dropout(self.drop_rate)(y_dist, deterministic=not train)
+        y, y_dist = _HeadPair(self.num_classes, self.dense, name="fc")(y, y_dist)
+        return ((y + y_dist) / 2).astype(jnp.float32)
+
+    @staticmethod
+    def reparameterize(variables: dict, *, eps: float = BN_EPS_TORCH) -> dict:
+        """Training-form variables ({"params", "batch_stats"}, the head's subtree) -> the deploy form's: each
+        BatchNorm folded into the Dense after it, x (t W) + (s W + b), and the two averaged. float64, stored float32."""
+        params, stats = variables["params"], variables.get("batch_stats", {})
+        if "bn" not in params:
+            raise ValueError("DistilledHead.reparameterize: no `bn` in the variables (already deployed?)")
+        kernel, bias = 0.0, 0.0
+        for bn, fc in (("bn", "head"), ("bn_dist", "head_dist")):
+            t, s = bn_affine(params[bn], stats[bn], eps)
+            w = np.asarray(params["fc"][fc]["kernel"], np.float64)
+            kernel = kernel + t[:, None] * w / 2
+            bias = bias + (s @ w + np.asarray(params["fc"][fc]["bias"], np.float64)) / 2
+        return {"params": {"fc": {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}}}
+
+
+def _reparameterize_head(module: DistilledHead, variables: dict) -> dict:
+    if module.num_classes <= 0:
+        return {k: v for k, v in variables.items() if k == "params"}
+    return DistilledHead.reparameterize(variables, eps=norm_eps(module.norm))
+
+
+kinds.register(DistilledHead, kinds.LayerKind("reparam", reparameterize=_reparameterize_head))
+
+
+class LeViT(nn.Module):
+    """Stem16 -> stages (NHWC maps; the first stage at 1/16) -> mean over positions -> distilled head.
+    `deploy=True`: every Linear/conv+BN is one Dense/conv with a bias and the head one Dense
+    (the variables `compress.deploy.reparameterize` gives)."""
+
+    stages: Stages
+    key_dim: int
+    act: str = "hard_swish"
+    bn_eps: float = BN_EPS_TORCH
+    deploy: bool = False
+    num_classes: int = 1000
+    in_chans: int = 3
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # the same rate in every block, as timm
+    dtype: Any = None  # compute dtype (e.g. jnp.bfloat16); parameters stay float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, features: bool = False):
+        check_images(x, self.in_chans, "LeViT")
+        dense = partial(nn.Dense, dtype=self.dtype)
+        norm = partial(batch_norm(self.bn_eps), dtype=self.dtype)
+        linear = partial(LinearBn, dense=dense, norm=norm, deploy=self.deploy)
+        conv_bn = partial(Conv2dBn, conv=partial(Conv2d, dtype=self.dtype), norm=norm, deploy=self.deploy)
+        x, feats = Stem16(self.stages[0].dim, conv_bn, self.act, name="stem")(x, train)
+        for i, s in enumerate(self.stages):
+            x = LevitStage(s, self.key_dim, i > 0, linear, self.act, self.drop_path_rate, name=f"stages_{i}")(x, train)
+            feats.append(x)
+        if features:
+            return feats[:len(feature_info(self.stages))]
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return DistilledHead(self.num_classes, self.drop_rate, dense, norm, self.deploy, name="head")(x, train)
+
+
+def timm_rename(module: LeViT):
+    """timm Levit keys: `stages.{i}.blocks.{j}.` -> `stages_{i}/blocks_{j}/`, `proj.ln` / `q.ln` -> `proj` / `q`,
+    `head.linear` / `head_dist.linear` -> `head/fc/head` / `head/fc/head_dist`, `head_dist.bn` -> `head/bn_dist`;
+    the rest 1:1."""
+
+    def rename(path: str) -> str | None:
+        path = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages_\1/blocks_\2/", path)
+        path = re.sub(r"^stages\.(\d+)\.downsample\.", r"stages_\1/downsample/", path)
+        path = re.sub(r"\.(proj|q)\.ln\.", r".\1.", path)
+        path = {"head.linear": "head.fc.head", "head_dist.linear": "head.fc.head_dist",
+                "head_dist.bn": "head.bn_dist"}.get(path, path)
+        return path.replace(".", "/")
+
+    return rename
+
+
+# Facebook's distilled ImageNet-1k weights (github.com/facebookresearch/LeViT) as re-published by timm. timm's
+# default_cfgs record no accuracy: top1 is the paper's (224x224, distilled).
+_FB = dict(crop_pct=0.9, origin="https://github.com/facebookresearch/LeViT")
+
+# name: (table, key_dim, pretrained weights)
+VARIANTS = {
+    "levit_128s": (LEVIT_128S, 16, (timm_weights("levit_128s", "fb_dist_in1k", top1=76.6, **_FB),)),
+    "levit_128": (LEVIT_128, 16, (timm_weights("levit_128", "fb_dist_in1k", top1=78.6, **_FB),)),
+    "levit_192": (LEVIT_192, 32, (timm_weights("levit_192", "fb_dist_in1k", top1=80.0, **_FB),)),
+    "levit_256": (LEVIT_256, 32, (timm_weights("levit_256", "fb_dist_in1k", top1=81.6, **_FB),)),
+    "levit_384": (LEVIT_384, 32, (timm_weights("levit_384", "fb_dist_in1k", top1=82.6, **_FB),)),
+}
+
+
+def _build(table: Stages, key_dim: int, **overrides) -> LeViT:
+    return LeViT(**{**dict(stages=table, key_dim=key_dim), **overrides})
+
+
+for _name, (_table, _kd, _weights) in VARIANTS.items():
+    register_model(
+        ModelCfg(
+            name=_name, family="levit", input_size=(224, 224), interpolation="bicubic", crop_pct=0.9,
+            first_conv="stem/conv1/linear", classifier="head/fc", feature_info=feature_info(_table),
+            paper="arXiv:2104.01136", twin=f"timm:{_name}",
+        ),
+        _weights,
+        converters={"timm": timm_rename},
+    )(partial(_build, _table, _kd))
