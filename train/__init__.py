@@ -18,7 +18,8 @@ from train.distill import Distillation
 from train.loop import NonFiniteError, Trainer, TrainResult, evaluate, fit, load_run
 from train.state import TrainState
 from train.summary import read_metrics
-from train.tasks import Classification, Forward, Task
+from train.forward import Forward
+from train.tasks import Classification, Task
 
 __all__ = [
     "ArraySource", "CheckpointError", "Checkpoints", "Classification", "CompressConfig", "ConfigError", "DataConfig", "DataError",

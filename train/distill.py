@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train.tasks import Forward, Task
+from train.forward import Forward
+from train.tasks import Task
 
 
 class Distillation(Task):

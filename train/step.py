@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from train.state import TrainState, merge_trainable, split_trainable
-from train.tasks import Forward, Task
+from train.forward import Forward
+from train.tasks import Task
 
 # A compression hook: (params, compression_state) -> (params, compression_state), applied after every update
 # (e.g. re-applying sparsity masks). Pure; traced into the step.
