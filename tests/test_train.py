@@ -17,7 +17,9 @@ import pytest
 import train
 from train.augment import mix_batch, randaugment, random_resized_crop
 from train.config import ConfigError, apply_overrides
-from train.data import ArraySource, DataError, FolderSource, Loader, Transform
+from train.data import DataError, Loader
+from train.sources import ArraySource, FolderSource
+from train.transforms import Transform
 from test_train_support import ROOT, random_digits, subprocess_env, tiny_config, tiny_model
 
 
@@ -35,7 +37,9 @@ def _leaves(tree) -> dict:
 def test_overrides_parse_by_field_type():
     cfg = apply_overrides(train.TrainConfig(), [
         "optim.lr=3e-3", "steps=12", "data.rrc_scale=0.5,1", "optim.lr_groups=^head/=10,stages_6/=2",
-        "data.eval_split=none", "data.hflip=false", "distill.features=stages_4:stages_4", "model.num_classes=7"])
+        "data.eval_split=none", "data.hflip=false", "distill.features=stages_4:stages_4", "model.num_classes=7",
+        "task.label_smoothing=0.1", "task.mixup_alpha=0.2"])
+    assert cfg.task.kind == "classification" and cfg.task.label_smoothing == 0.1 and cfg.task.mixup_alpha == 0.2
     assert cfg.optim.lr == 3e-3 and cfg.steps == 12 and cfg.data.rrc_scale == (0.5, 1.0)
     assert cfg.optim.lr_groups == {"^head/": 10.0, "stages_6/": 2.0}
     assert cfg.data.eval_split is None and cfg.data.hflip is False and cfg.model.num_classes == 7
@@ -103,7 +107,7 @@ def test_batches_are_a_function_of_seed_and_step_and_split_across_hosts(digits):
         np.testing.assert_array_equal(b["image"], one.batch(k)["image"])
     # evaluation covers every example once, padding the last batch with mask 0
     ev = list(Loader(ArraySource(digits[0][:40], digits[1][:40]), _transform(False), 16).eval_batches())
-    assert [int(b["mask"].sum()) for b in ev] == [16, 16, 8]
+    assert [int(b["valid"].sum()) for b in ev] == [16, 16, 8]
 
 
 def test_augmentations_are_deterministic_and_well_formed():
@@ -387,7 +391,7 @@ def test_compression_hooks_and_state_ride_along(tmp_path, digits):
 def test_mixup_cutmix_randaugment_and_smoothing_train(tmp_path, digits):
     images, labels = digits
     cfg = tiny_config(tmp_path / "run", 3, tensorboard=False)
-    cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.data.label_smoothing = 0.4, 1.0, 0.1
+    cfg.task.mixup_alpha, cfg.task.cutmix_alpha, cfg.task.label_smoothing = 0.4, 1.0, 0.1
     cfg.data.randaugment_ops, cfg.data.hflip = 2, True
     result = train.fit(cfg, model=tiny_model(), train_data=(images, labels))
     assert all(np.isfinite(r["loss"]) for r in result.history)

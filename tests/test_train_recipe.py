@@ -66,7 +66,7 @@ def test_distillation_from_the_finetuned_lite0_improves_a_small_student(finetune
     for name, teacher in (("alone", ""), ("distilled", teacher_dir)):
         cfg = _recipe(tmp_path / name, xla_cache, steps=200, log_every=50, model__name="mobilenetv3_small_050",
                       model__pretrained=False, data__image_size=32, data__rrc_scale=(0.3, 1.0),
-                      data__label_smoothing=0.0, optim__lr=5e-3, optim__freeze="", optim__ema_decay=0.99,
+                      task__label_smoothing=0.0, optim__lr=5e-3, optim__freeze="", optim__ema_decay=0.99,
                       distill__teacher=teacher, distill__alpha=1.0, distill__temperature=4.0,
                       distill__teacher_image_size=64)
         accs[name] = train.fit(cfg, train_data=(xtr[:100], ytr[:100]), eval_data=(xte, yte)).metrics["accuracy"]

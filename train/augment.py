@@ -17,10 +17,9 @@ MAX_LEVEL = 10.0
 _FILL = (128, 128, 128)
 
 
-def random_resized_crop(img: Image.Image, size: tuple[int, int], rng: np.random.Generator, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3), resample=Image.Resampling.BICUBIC) -> Image.Image:
-    """A crop of random area fraction in `scale` and aspect ratio in `ratio`, resized to `size` (H, W)."""
-    w, h = img.size
+def rrc_box(w: int, h: int, rng: np.random.Generator, scale=(0.08, 1.0),
+            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """The crop window (left, top, right, bottom) of random-resized-crop in a `w` x `h` image."""
     area = w * h
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
@@ -41,7 +40,13 @@ def random_resized_crop(img: Image.Image, size: tuple[int, int], rng: np.random.
         else:
             cw, ch = w, h
         left, top = (w - cw) // 2, (h - ch) // 2
-    return img.resize((size[1], size[0]), resample, box=(left, top, left + cw, top + ch))
+    return left, top, left + cw, top + ch
+
+
+def random_resized_crop(img: Image.Image, size: tuple[int, int], rng: np.random.Generator, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3), resample=Image.Resampling.BICUBIC) -> Image.Image:
+    """A crop of random area fraction in `scale` and aspect ratio in `ratio`, resized to `size` (H, W)."""
+    return img.resize((size[1], size[0]), resample, box=rrc_box(*img.size, rng, scale, ratio))
 
 
 # ---- RandAugment -------------------------------------------------------------------------------------------------
@@ -90,9 +95,15 @@ RANDAUGMENT_OPS = {
 }
 
 
+# ops that leave every pixel where it is: safe on examples whose boxes or mask would not follow an affine op
+PHOTOMETRIC_OPS = ("AutoContrast", "Equalize", "Solarize", "SolarizeAdd", "Posterize", "Color", "Contrast",
+                   "Brightness", "Sharpness")
+
+
 def randaugment(img: Image.Image, num_ops: int, magnitude: float, rng: np.random.Generator,
-                prob: float = 0.5) -> Image.Image:
-    names = list(RANDAUGMENT_OPS)
+                prob: float = 0.5, ops: tuple[str, ...] | None = None) -> Image.Image:
+    """`num_ops` ops drawn uniformly from `ops` (default: all of RANDAUGMENT_OPS), each applied with `prob`."""
+    names = list(ops or RANDAUGMENT_OPS)
     for k in rng.integers(0, len(names), size=num_ops):
         if rng.random() < prob:
             img = RANDAUGMENT_OPS[names[k]](img, float(magnitude), rng)

@@ -1,8 +1,10 @@
 """Run configuration: plain dataclasses, one per concern, with `key=value` overrides from the command line.
 
-`TrainConfig` nests `ModelConfig`, `DataConfig`, `OptimConfig`, `DistillConfig` and `CompressConfig`. Overrides
-address fields by dotted path (`optim.lr=3e-3`, `data.rrc_scale=0.5,1`, `steps=200`); values are parsed by the field's
-annotated type, and a key that does not exist is an error that lists the valid ones, before anything is built.
+`TrainConfig` nests `ModelConfig`, the task's config (tagged by `kind`, e.g. `ClassificationConfig`), `DataConfig`,
+`OptimConfig`, `DistillConfig` and `CompressConfig`. Overrides address fields by dotted path (`optim.lr=3e-3`,
+`data.rrc_scale=0.5,1`, `task.label_smoothing=0.1`, `steps=200`); `task.kind=NAME` switches to another registered
+task's config (applied first, so that task's keys follow). Values are parsed by the field's annotated type, and a key
+that does not exist is an error that lists the valid ones, before anything is built.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from train.tasks import ClassificationConfig, TaskConfig, task_config_class, task_kinds
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; raised before any model or data is built."""
@@ -57,10 +60,6 @@ class DataConfig:
     hflip: bool = True
     randaugment_ops: int = 0  # RandAugment N (0: off)
     randaugment_magnitude: int = 9  # RandAugment M, 0..30 (timm scale)
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_prob: float = 1.0  # probability that a batch is mixed (when mixup or cutmix is on)
-    label_smoothing: float = 0.0
     workers: int = 2  # host threads that decode and augment
     prefetch: int = 2  # batches prepared ahead of the device
 
@@ -137,6 +136,7 @@ class CompressConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=ClassificationConfig)  # what is learned: loss, metrics, batch-level mixing
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -149,8 +149,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate at the end only
     checkpoint_every: int = 0  # 0: at every evaluation and at the end
     keep_checkpoints: int = 2
-    best_metric: str = "accuracy"  # eval metric whose best value is kept in workdir/best ("" for none)
-    best_mode: str = "max"
+    best_metric: str | None = None  # eval metric whose best value is kept in workdir/best; None: the task's; "": none
+    best_mode: str | None = None  # "max" or "min"; None: the task's
     async_checkpoints: bool = True
     progress: bool = True  # progress bar with throughput and ETA
     tensorboard: bool = True
@@ -162,16 +162,17 @@ class TrainConfig:
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "distill": DistillConfig,
             "compress": CompressConfig}
+# fields that moved from `data` to the classification task's config: older runs' config.json still load
+_MOVED_TO_TASK = ("label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob")
 
 
-def valid_keys(cfg_cls: type = TrainConfig, prefix: str = "") -> list[str]:
-    """Every dotted key `--set` accepts."""
+def valid_keys(cfg: TrainConfig | None = None) -> list[str]:
+    """Every dotted key `--set` accepts (the `task.` keys are those of `cfg.task`'s kind)."""
+    cfg = cfg or TrainConfig()
     keys = []
-    for f in dataclasses.fields(cfg_cls):
-        if f.name in SECTIONS and cfg_cls is TrainConfig:
-            keys += valid_keys(SECTIONS[f.name], f"{f.name}.")
-        else:
-            keys.append(prefix + f.name)
+    for f in dataclasses.fields(TrainConfig):
+        section = SECTIONS.get(f.name) or (type(cfg.task) if f.name == "task" else None)
+        keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(section)] if section else [f.name]
     return keys
 
 
@@ -183,13 +184,27 @@ def from_dict(d: dict) -> TrainConfig:
     """The inverse of `to_dict` (unknown keys raise, so a config written by a newer version fails loudly)."""
     d = dict(d)
     sections = {}
+    data = dict(d.get("data") or {})
+    moved = {k: data.pop(k) for k in _MOVED_TO_TASK if k in data}
+    d["data"] = data
+    task = dict(d.pop("task", None) or {"kind": "classification", **moved})
     for name, cls in SECTIONS.items():
         sub = d.pop(name, {}) or {}
         _check_known(cls, sub, prefix=f"{name}.")
         sections[name] = cls(**{k: _coerce(v, _hints(cls)[k], f"{name}.{k}") for k, v in sub.items()})
+    task_cls = _task_class(task.get("kind", ""))
+    _check_known(task_cls, task, prefix="task.")
+    sections["task"] = task_cls(**{k: _coerce(v, _hints(task_cls)[k], f"task.{k}") for k, v in task.items()})
     _check_known(TrainConfig, d)
     top = {k: _coerce(v, _hints(TrainConfig)[k], k) for k, v in d.items()}
     return TrainConfig(**sections, **top)
+
+
+def _task_class(kind: str) -> type:
+    try:
+        return task_config_class(kind)
+    except ValueError as e:
+        raise ConfigError(f"task.kind: {e}") from None
 
 
 def _check_known(cls, d: dict, prefix: str = "") -> None:
@@ -202,13 +217,20 @@ def _check_known(cls, d: dict, prefix: str = "") -> None:
 def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, Any]) -> TrainConfig:
     """A copy of `cfg` with `key=value` overrides applied (strings are parsed by the field's type)."""
     cfg = from_dict(to_dict(cfg))
-    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
-    keys = valid_keys()
+    items = list(overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides])
+    items.sort(key=lambda kv: kv[0] != "task.kind")  # the kind first: it decides which task.* keys exist
     for key, value in items:
+        if key == "task.kind":
+            if value != cfg.task.kind:
+                cfg.task = _task_class(str(value))()
+            continue
+        keys = valid_keys(cfg)
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
             hint = f" Did you mean {' or '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown config key '{key}'.{hint} Valid keys: {', '.join(keys)}")
+            kinds = f" (task keys are those of task.kind={cfg.task.kind}; kinds: {', '.join(task_kinds())})" \
+                if key.startswith("task.") else ""
+            raise ConfigError(f"unknown config key '{key}'.{hint}{kinds} Valid keys: {', '.join(keys)}")
         section, _, name = key.rpartition(".")
         target = getattr(cfg, section) if section else cfg
         setattr(target, name, _coerce(value, _hints(type(target))[name], key))

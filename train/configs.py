@@ -51,7 +51,7 @@ def mnist5k_lite0() -> TrainConfig:
     cfg.data.hflip = False  # digits are not mirror-symmetric
     cfg.data.rrc_scale, cfg.data.rrc_ratio = (0.6, 1.0), (0.8, 1.25)
     cfg.data.eval_crop_pct = 1.0
-    cfg.data.label_smoothing = 0.1
+    cfg.task.label_smoothing = 0.1
     cfg.optim.optimizer, cfg.optim.schedule = "adamw", "onecycle"
     cfg.optim.lr, cfg.optim.weight_decay = 3e-3, 0.01
     # Early layers keep their ImageNet filters: their gradients are the costliest part of the step on CPU (large
@@ -75,7 +75,7 @@ def finetune_adamw() -> TrainConfig:
     cfg.optim.optimizer, cfg.optim.schedule = "adamw", "cosine"
     cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_fraction = 1e-3, 0.05, 0.05
     cfg.data.rrc_scale = (0.35, 1.0)
-    cfg.data.label_smoothing = 0.1
+    cfg.task.label_smoothing = 0.1
     return cfg
 
 

@@ -27,13 +27,16 @@ from train import compression as compress_cfg
 from train import parallel
 from train.checkpoint import Checkpoints, CheckpointError, abstract, check_compatible
 from train.config import ConfigError, TrainConfig, from_dict, to_dict
-from train.data import ArraySource, DataError, Loader, Source, Transform, has_split, open_source, split_fraction
+from train.data import DataError, Loader, Source
 from train.distill import Distillation
 from train.optim import decay_mask, lr_multipliers, make_optimizer, make_schedule, select_trainable
-from train.state import TASK_PREFIX, TrainState, create_state, flatten, unflatten
+from train.state import TASK_PREFIX, TrainState, create_state, flatten
 from train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 from train.summary import MetricsLog, Progress, TensorBoardWriter, plot_curves, read_metrics
-from train.tasks import Classification, Task
+from train.sources import as_source, has_split, open_source
+from train.sources import open_data as _open_sources
+from train.tasks import Task, build_task as _build_task
+from train.transforms import Transform
 from zoo.config import ModelCfg
 from zoo.layers.conv import depthwise_impl
 
@@ -56,25 +59,9 @@ class TrainResult:
 
 # ---- building blocks ---------------------------------------------------------------------------------------------
 
-def _as_source(data, name: str) -> Source | None:
-    if data is None or isinstance(data, Source):
-        return data
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return ArraySource(data[0], data[1], name=name)
-    raise TypeError(f"{name} data must be a Source, an (images, labels) pair or None, not {type(data).__name__}")
-
-
 def open_data(cfg: TrainConfig, train_data=None, eval_data=None) -> tuple[Source, Source | None]:
-    d = cfg.data
-    train_src = _as_source(train_data, "train") or open_source(d.source, d.train_split, data_dir=d.data_dir,
-                                                                image_key=d.image_key, label_key=d.label_key)
-    eval_src = _as_source(eval_data, "eval")
-    if eval_src is None and d.val_fraction:
-        train_src, eval_src = split_fraction(train_src, d.val_fraction, cfg.seed)
-    elif eval_src is None and d.eval_split and train_data is None and has_split(d.source, d.eval_split):
-        eval_src = open_source(d.source, d.eval_split, data_dir=d.data_dir, image_key=d.image_key,
-                               label_key=d.label_key, class_names=train_src.class_names)
-    return train_src, eval_src
+    """(train, eval) sources of a run: `train_data`/`eval_data` when given, else those `cfg.data` names."""
+    return _open_sources(cfg.data, cfg.seed, train_data, eval_data)
 
 
 def _overrides(mcfg) -> dict:
@@ -117,8 +104,9 @@ def _dtype(name: str):
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, not '{name}'") from None
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> zoo.Model:
-    """The model this config trains, initialized from init_from, pretrained weights or randomly."""
+def build_model(cfg: TrainConfig, num_classes: int, task: Task) -> zoo.Model:
+    """The model this config trains, initialized from init_from (adapted by the task), pretrained weights or
+    randomly."""
     m = cfg.model
     overrides = _overrides(m)
     if m.init_from:
@@ -132,38 +120,28 @@ def build_model(cfg: TrainConfig, num_classes: int) -> zoo.Model:
         else:
             module = zoo.create_model(base.cfg.name, num_classes=num_classes, in_chans=base.cfg.in_chans,
                                       **overrides)
-        variables = base.variables
-        if base.cfg.num_classes != num_classes:
-            variables = _reset_classifier(module, base, num_classes)
-            log.warning("%s: classifier re-initialized for %d classes (init_from has %d)", base.cfg.name,
-                        num_classes, base.cfg.num_classes)
-        return zoo.Model(module, variables, base.cfg.replace(num_classes=num_classes))
+        model_cfg = base.cfg.replace(num_classes=num_classes)
+        return zoo.Model(module, task.adapt(module, base, model_cfg), model_cfg)
     return zoo.load(m.name, pretrained=m.pretrained or m.weights is not None, num_classes=num_classes,
                     in_chans=m.in_chans, weights=m.weights, seed=cfg.seed, progress=cfg.progress, **overrides)
 
 
-def _reset_classifier(module, base: zoo.Model, num_classes: int) -> dict:
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *base.cfg.input_size,
-                                                                                base.cfg.in_chans))))
-    flat = flatten(base.variables["params"])
-    prefix = base.cfg.classifier + "/"
-    for k, v in flatten(shapes["params"]).items():
-        if k.startswith(prefix):
-            flat[k] = jnp.zeros(v.shape, v.dtype)
-    return {**base.variables, "params": unflatten(flat)}
+def build_task(cfg: TrainConfig, num_classes: int) -> Task:
+    """The task `cfg.task` describes (its `kind` picks the registered task class)."""
+    try:
+        return _build_task(cfg.task, num_classes=num_classes)
+    except ValueError as e:
+        raise ConfigError(f"task.kind: {e}") from None
 
 
-def build_task(cfg: TrainConfig, num_classes: int, student: zoo.Model) -> Task:
-    d = cfg.data
-    task: Task = Classification(num_classes, label_smoothing=d.label_smoothing, mixup_alpha=d.mixup_alpha,
-                                cutmix_alpha=d.cutmix_alpha, mix_prob=d.mix_prob)
+def with_distillation(task: Task, cfg: TrainConfig, student: zoo.Model) -> Task:
+    """`task` wrapped by distillation from `cfg.distill.teacher`, or `task` itself when there is no teacher."""
     k = cfg.distill
-    if k.teacher:
-        teacher = load_teacher(k.teacher, k.teacher_num_classes, progress=cfg.progress)
-        task = Distillation(task, teacher, student.cfg, temperature=k.temperature, alpha=k.alpha,
-                            features=k.features, feature_weight=k.feature_weight,
-                            teacher_image_size=k.teacher_image_size, seed=cfg.seed)
-    return task
+    if not k.teacher:
+        return task
+    teacher = load_teacher(k.teacher, k.teacher_num_classes, progress=cfg.progress)
+    return Distillation(task, teacher, student.cfg, temperature=k.temperature, alpha=k.alpha, features=k.features,
+                        feature_weight=k.feature_weight, teacher_image_size=k.teacher_image_size, seed=cfg.seed)
 
 
 def load_teacher(spec: str, num_classes: int | None = None, progress: bool = True) -> zoo.Model:
@@ -174,14 +152,8 @@ def load_teacher(spec: str, num_classes: int | None = None, progress: bool = Tru
 
 
 def transforms(cfg: TrainConfig, model_cfg: ModelCfg) -> tuple[Transform, Transform]:
-    d = cfg.data
-    train = Transform(size=tuple(model_cfg.input_size), mean=tuple(model_cfg.mean), std=tuple(model_cfg.std),
-                      channels=model_cfg.in_chans, train=True,
-                      interpolation=d.interpolation or model_cfg.interpolation, crop_pct=model_cfg.crop_pct,
-                      gray_to_rgb=d.gray_to_rgb, random_resized_crop=d.random_resized_crop,
-                      rrc_scale=tuple(d.rrc_scale), rrc_ratio=tuple(d.rrc_ratio), hflip=d.hflip,
-                      randaugment_ops=d.randaugment_ops, randaugment_magnitude=d.randaugment_magnitude)
-    return train, dataclasses.replace(train, train=False, crop_pct=d.eval_crop_pct or model_cfg.crop_pct)
+    """(train, eval) transforms of the run's task; `eval_tf(image, None)` also preprocesses a bare image."""
+    return build_task(cfg, model_cfg.num_classes).transforms(cfg.data, model_cfg)
 
 
 def model_meta(model: zoo.Model, cfg: TrainConfig) -> dict:
@@ -227,7 +199,8 @@ class Trainer:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} must split into optim.accum_steps="
                               f"{cfg.optim.accum_steps} micro-batches across {self.mesh.devices.size} devices")
 
-        self.model = model or build_model(cfg, num_classes)
+        base_task = task or build_task(cfg, num_classes)
+        self.model = model or build_model(cfg, num_classes, base_task)
         if cfg.data.image_size:
             self.model = dataclasses.replace(self.model, cfg=self.model.cfg.replace(
                 input_size=(cfg.data.image_size, cfg.data.image_size)))
@@ -238,19 +211,19 @@ class Trainer:
         self.model = compress_cfg.prune(self.model, cfg.compress)
         arch = compress_cfg.architecture(self.model)
         self.model = compress_cfg.quantization_aware(self.model, cfg.compress)
-        self.task = task or build_task(cfg, num_classes, self.model)
+        self.task = task or with_distillation(base_task, cfg, self.model)
         self.task.validate(self.train_src, self.model.cfg, gray_to_rgb=cfg.data.gray_to_rgb, what="training")
         if self.eval_src is not None:
             self.task.validate(self.eval_src, self.model.cfg, gray_to_rgb=cfg.data.gray_to_rgb, what="evaluation")
 
-        self.train_tf, self.eval_tf = transforms(cfg, self.model.cfg)
+        self.train_tf, self.eval_tf = self.task.transforms(cfg.data, self.model.cfg)
         pi, pc = jax.process_index(), jax.process_count()
         self.loader = Loader(self.train_src, self.train_tf, cfg.data.batch_size, seed=cfg.seed, process_index=pi,
                              process_count=pc, workers=cfg.data.workers, prefetch=cfg.data.prefetch,
                              collate=self.task.collate)
         self.eval_loader = None if self.eval_src is None else Loader(
             self.eval_src, self.eval_tf, cfg.data.eval_batch_size or cfg.data.batch_size, seed=cfg.seed,
-            process_index=pi, process_count=pc, workers=cfg.data.workers)
+            process_index=pi, process_count=pc, workers=cfg.data.workers, collate=self.task.collate)
         spe = self.loader.steps_per_epoch
         if spe == 0:
             raise DataError(f"{len(self.train_src)} training examples are fewer than one batch of "
@@ -416,14 +389,21 @@ class Trainer:
                            workdir=self.workdir, train_seconds=seconds)
 
     def _track_best(self, step: int, metrics: dict) -> bool:
-        key = self.cfg.best_metric
+        key, mode = self.best_metric
         if not key or key not in metrics:
             return False
         value, best = metrics[key], self.best.get("value")
-        better = best is None or (value > best if self.cfg.best_mode == "max" else value < best)
+        better = best is None or (value > best if mode == "max" else value < best)
         if better:
             self.best = {"metric": key, "value": value, "step": step}
         return better
+
+    @property
+    def best_metric(self) -> tuple[str, str]:
+        """(metric, "max" or "min") that picks the best checkpoint: the task's unless the config names one."""
+        cfg = self.cfg
+        return (self.task.best_metric if cfg.best_metric is None else cfg.best_metric,
+                self.task.best_mode if cfg.best_mode is None else cfg.best_mode)
 
     def trained_model(self, state: TrainState | None = None) -> zoo.Model:
         state = state or self.state
@@ -462,8 +442,8 @@ def fit(cfg: TrainConfig, *, model: zoo.Model | None = None, train_data=None, ev
         task: Task | None = None, hooks: Sequence = (), compression: dict | None = None) -> TrainResult:
     """Train as `cfg` says; resumes from the workdir's last checkpoint when there is one.
 
-    `train_data` / `eval_data`: a `Source` or an `(images uint8, labels int)` pair instead of `cfg.data.source`;
-    `model`: a `zoo.Model` instead of `cfg.model`; `task`: instead of classification; `hooks`: compression hooks
+    `train_data` / `eval_data`: a `Source` or an `(images uint8, targets)` pair instead of `cfg.data.source`;
+    `model`: a `zoo.Model` instead of `cfg.model`; `task`: a `Task` instead of the one `cfg.task` describes; `hooks`: compression hooks
     `(params, compression) -> (params, compression)` run after each update, with `compression` their initial state.
     """
     return Trainer(cfg, model=model, train_data=train_data, eval_data=eval_data, task=task, hooks=hooks,
@@ -530,9 +510,10 @@ def load_run(workdir: str | Path, *, which: str = "best", ema: bool = True, mode
 def evaluate(model: zoo.Model, data, *, split: str = "test", batch_size: int = 64, image_size: int | None = None,
              crop_pct: float | None = None, gray_to_rgb: bool = False, task: Task | None = None,
              class_names: Sequence[str] | None = None, workers: int = 2) -> dict:
-    """Metrics of `model` on `data` (a Source, an (images, labels) pair, or a source spec with `split`).
+    """Metrics of `model` on `data` (a Source, an (images, targets) pair, or a source spec with `split`) under `task`
+    (default: the default config's task kind for the model's classes).
 
-    For folders, `class_names` (in training order) maps subfolders to labels; by default the classes of a sibling
+    For folders, `class_names` (in training order) maps subfolders to classes; by default the classes of a sibling
     `train` split when there is one, else the folder's own subfolders.
     """
     if isinstance(data, str):
@@ -540,18 +521,18 @@ def evaluate(model: zoo.Model, data, *, split: str = "test", batch_size: int = 6
             class_names = open_source(data, "train").class_names
         source = open_source(data, split, class_names=class_names)
     else:
-        source = _as_source(data, "eval")
+        source = as_source(data, "eval")
     cfg = TrainConfig()
     cfg.data.gray_to_rgb, cfg.data.eval_crop_pct = gray_to_rgb, crop_pct
     mcfg = model.cfg.replace(input_size=(image_size, image_size)) if image_size else model.cfg
-    task = task or Classification(mcfg.num_classes)
+    task = task or build_task(cfg, mcfg.num_classes)
     task.validate(source, mcfg, gray_to_rgb=gray_to_rgb, what="evaluation")
-    _, eval_tf = transforms(cfg, mcfg)
+    _, eval_tf = task.transforms(cfg.data, mcfg)
     mesh = parallel.make_mesh()
     sh = parallel.shardings(mesh)
     parallel.check_batch_size(batch_size, mesh, "batch_size")
     loader = Loader(source, eval_tf, batch_size, process_index=jax.process_index(),
-                    process_count=jax.process_count(), workers=workers)
+                    process_count=jax.process_count(), workers=workers, collate=task.collate)
     step = jit_eval_step(make_eval_step(model.module, task), sh)
     variables = dict(model.variables)
     params = parallel.replicate(variables.pop("params"), sh[0])

@@ -1,0 +1,12 @@
+"""Tasks: the interface (`Task`), the registry of kinds (`register_task`, `build_task`) and the shipped kinds.
+
+Each kind lives in its own module and registers itself on import; this package imports every shipped one so the
+registry is complete.
+"""
+
+from train.tasks.base import (Task, TaskConfig, build_task, check_shapes, pad_ragged, register_task,
+                              task_config_class, task_kinds)
+from train.tasks.classification import Classification, ClassificationConfig
+
+__all__ = ["Classification", "ClassificationConfig", "Task", "TaskConfig", "build_task", "check_shapes",
+           "pad_ragged", "register_task", "task_config_class", "task_kinds"]
