@@ -38,15 +38,23 @@ def test_params_and_macs_match_reference(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_feature_info_matches_feature_maps(name):
+    """`features=True` returns the backbone's dict: every feature_info name at its stride and width, in that order,
+    then `pre_logits`, the input of the classifier's last Linear."""
     cfg = get_entry(name).cfg
     module = zoo.create_model(name)
     x = jax.ShapeDtypeStruct((2, 128, 128, 3), jnp.float32)
     variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(x.shape)))
-    feats = jax.eval_shape(lambda v, x: module.apply(v, x, features=True), variables, x)
+    keys = []
+    feats = jax.eval_shape(lambda v, x: (out := module.apply(v, x, features=True), keys.extend(out))[0], variables, x)
     assert [f.stride for f in cfg.feature_info] == [2, 4, 8, 16, 32]
-    assert len(feats) == len(cfg.feature_info)
-    for f, info in zip(feats, cfg.feature_info):
-        assert f.shape == (2, 128 // info.stride, 128 // info.stride, info.channels), info
+    assert keys == [f.name for f in cfg.feature_info] + ["pre_logits"]
+    for info in cfg.feature_info:
+        assert feats[info.name].shape == (2, 128 // info.stride, 128 // info.stride, info.channels), info
+    classifier = variables["params"]
+    for part in cfg.classifier.split("/"):
+        classifier = classifier[part]
+    in_features = {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(classifier) if leaf.ndim == 2}
+    assert in_features == {feats["pre_logits"].shape[1]} and feats["pre_logits"].shape[0] == 2
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -75,13 +75,12 @@ class Distillation(Task):
         return x
 
     def loss(self, forward, batch, *, task_params, consts, rng):
-        forward.capture = tuple(s for s, _ in self.pairs)
         loss, metrics = self.task.loss(forward, batch, task_params=task_params, consts=consts, rng=rng)
         logits = forward.output
         teacher = Forward(self.teacher.module, consts["teacher"]["params"],
                           {k: v for k, v in consts["teacher"].items() if k != "params"}, train=False)
-        teacher.capture = tuple(t for _, t in self.pairs)
-        t_logits = jax.lax.stop_gradient(teacher(self._teacher_input(batch["image"])))
+        t_x = self._teacher_input(batch["image"])
+        t_logits = jax.lax.stop_gradient(teacher(t_x))
         T = self.temperature
         p_t = jax.nn.softmax(t_logits / T, axis=-1)
         kl = jnp.sum(p_t * (jnp.log(p_t + 1e-12) - jax.nn.log_softmax(logits / T, axis=-1)), axis=-1).mean()
@@ -89,10 +88,13 @@ class Distillation(Task):
         total = (1.0 - self.alpha) * loss + self.alpha * kd
         metrics = {**metrics, "task_loss": loss, "kd_loss": kd}
         if self.pairs:
+            # named outputs of both backbones (`features=True`), on the inputs the logits came from
+            s_feats = forward.features(batch["image"], [f.name for f in self.student_cfg.feature_info])
+            t_feats = teacher.features(t_x, [f.name for f in self.teacher.cfg.feature_info])
             feat = 0.0
             for i, (s, t) in enumerate(self.pairs):
-                fs = forward.captured[s].astype(jnp.float32)
-                ft = jax.lax.stop_gradient(teacher.captured[t]).astype(jnp.float32)
+                fs = s_feats[s].astype(jnp.float32)
+                ft = jax.lax.stop_gradient(t_feats[t]).astype(jnp.float32)
                 if ft.shape[1:3] != fs.shape[1:3]:
                     ft = jax.image.resize(ft, (ft.shape[0], *fs.shape[1:3], ft.shape[-1]), "bilinear")
                 proj = fs @ task_params["distill"][f"adapter_{i}"]["kernel"]

@@ -1,54 +1,54 @@
 """`Forward`: the network bound to its variables inside one traced step (train flag, dropout rng, updated model
-state, named intermediate outputs). Tasks and distillation call the network only through it."""
+state, named outputs). Tasks and distillation call the network only through it."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 
 
 class Forward:
-    """The model bound to its variables for one step: `forward(x) -> output`.
+    """The model bound to its variables for one step: `forward(x) -> output`, `forward.features(x) -> named outputs`.
 
     In training it runs BatchNorm on batch statistics and keeps the new statistics in `model_state`; in evaluation the
-    running statistics are used and nothing changes. `capture` (module paths such as "stages_4") records those modules'
-    outputs in `captured`. One object lives inside one traced step.
+    running statistics are used and nothing changes. One object lives inside one traced step.
     """
 
     def __init__(self, module: nn.Module, params, model_state: Mapping[str, Any], *, train: bool,
                  rng: jax.Array | None = None):
         self.module, self.params, self.model_state, self.train, self.rng = module, params, dict(model_state), train, rng
-        self.captured: dict[str, jax.Array] = {}
-        self.capture: tuple[str, ...] = ()
         self.output = None
 
-    def __call__(self, x, **kwargs):
+    def _apply(self, x, **kwargs):
         variables = {"params": self.params, **self.model_state}
-        mutable = list(self.model_state) if self.train else []
-        extra = {}
-        if self.capture:
-            wanted = set(self.capture)
-            extra["capture_intermediates"] = lambda mdl, method: method == "__call__" and "/".join(mdl.path) in wanted
-            mutable.append("intermediates")
+        mutable = list(self.model_state) if self.train else False
         rngs = {"dropout": self.rng} if (self.train and self.rng is not None) else {}
-        out = self.module.apply(variables, x, train=self.train, mutable=mutable or False, rngs=rngs, **extra, **kwargs)
-        if mutable:
+        return self.module.apply(variables, x, train=self.train, mutable=mutable, rngs=rngs, **kwargs)
+
+    def __call__(self, x, **kwargs):
+        out = self._apply(x, **kwargs)
+        if self.train:
             out, updates = out
-            updates = dict(updates)
-            inter = updates.pop("intermediates", {})
-            if self.train:
-                self.model_state = {**self.model_state, **updates}
-            self.captured = {name: _find_capture(inter, name) for name in self.capture}
+            self.model_state = {**self.model_state, **dict(updates)}
         self.output = out
         return out
 
+    def features(self, x, feature_info: Sequence[str] = ()) -> dict[str, jax.Array]:
+        """The backbone's dict of named outputs (`module.apply(..., features=True)`, see `zoo.models.heads`).
 
-def _find_capture(tree, name: str):
-    node = tree
-    for part in name.split("/"):
-        if part not in node:
-            raise KeyError(f"no module '{name}' in the model to capture features from")
-        node = node[part]
-    return node["__call__"][0]
+        Runs with the same train flag and dropout rng as `__call__`, so on the same input it sees what the call that
+        gives the output sees (XLA shares the common computation); the statistics kept are that call's, not these.
+        A module outside the zoo that returns its maps as a list is keyed by its `feature_info` names, in order.
+        """
+        out = self._apply(x, features=True)
+        if self.train:
+            out, _ = out
+        if isinstance(out, Mapping):
+            return dict(out)
+        if len(out) != len(feature_info):
+            raise ValueError(f"{type(self.module).__name__} returned {len(out)} feature maps for the "
+                             f"{len(feature_info)} feature_info names {list(feature_info)}; return a dict keyed by "
+                             "feature_info names")
+        return dict(zip(feature_info, out))

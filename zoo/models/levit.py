@@ -41,6 +41,7 @@ from zoo.layers.conv import Conv2d
 from zoo.layers.linear_bn import Conv2dBn, LinearBn, bn_affine, norm_eps
 from zoo.layers.norm import BN_EPS_TORCH, batch_norm
 from zoo.models._pretrained import timm_weights
+from zoo.models.heads import PRE_LOGITS, feature_dict
 from zoo.registry import register_model
 
 ModuleDef = Any
@@ -256,8 +257,8 @@ class _HeadPair(nn.Module):
 
 class DistilledHead(nn.Module):
     """Two BatchNorm -> dropout -> Linear heads on the same pooled features, logits averaged (timm's NormLinear
-    `head` and `head_dist`, LevitDistilled's output). `deploy=True`: one Dense (`fc`) computing the average.
-    `num_classes=0`: the pooled features."""
+    `head` and `head_dist`, LevitDistilled's output), on the backbone dict's `pre_logits` (`zoo.models.heads`).
+    `deploy=True`: one Dense (`fc`) computing the average. `num_classes=0`: the pooled features."""
 
     num_classes: int
     drop_rate: float = 0.0
@@ -266,7 +267,8 @@ class DistilledHead(nn.Module):
     deploy: bool = False
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, feats, train: bool = False):
+        x = feats[PRE_LOGITS]
         if self.num_classes <= 0:
             return x
         if self.deploy:
@@ -304,7 +306,8 @@ kinds.register(DistilledHead, kinds.LayerKind("reparam", reparameterize=_reparam
 
 
 class LeViT(nn.Module):
-    """Stem16 -> stages (NHWC maps; the first stage at 1/16) -> mean over positions -> distilled head.
+    """Backbone (Stem16 -> stages, NHWC maps, the first stage at 1/16 -> mean over positions: `pre_logits`) +
+    distilled head. `features=True`: the backbone's dict (`zoo.models.heads`).
     `deploy=True`: every Linear/conv+BN is one Dense/conv with a bias and the head one Dense
     (the variables `compress.deploy.reparameterize` gives)."""
 
@@ -326,14 +329,15 @@ class LeViT(nn.Module):
         norm = partial(batch_norm(self.bn_eps), dtype=self.dtype)
         linear = partial(LinearBn, dense=dense, norm=norm, deploy=self.deploy)
         conv_bn = partial(Conv2dBn, conv=partial(Conv2d, dtype=self.dtype), norm=norm, deploy=self.deploy)
-        x, feats = Stem16(self.stages[0].dim, conv_bn, self.act, name="stem")(x, train)
+        x, maps = Stem16(self.stages[0].dim, conv_bn, self.act, name="stem")(x, train)
         for i, s in enumerate(self.stages):
             x = LevitStage(s, self.key_dim, i > 0, linear, self.act, self.drop_path_rate, name=f"stages_{i}")(x, train)
-            feats.append(x)
+            maps.append(x)
+        names = [f.name for f in feature_info(self.stages)]
+        feats = feature_dict(names, maps[:len(names)], jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
         if features:
-            return feats[:len(feature_info(self.stages))]
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        return DistilledHead(self.num_classes, self.drop_rate, dense, norm, self.deploy, name="head")(x, train)
+            return feats
+        return DistilledHead(self.num_classes, self.drop_rate, dense, norm, self.deploy, name="head")(feats, train)
 
 
 def timm_rename(module: LeViT):

@@ -21,6 +21,7 @@ from zoo.layers.activations import get_act
 from zoo.layers.blocks import ConvBnAct, DepthwiseSeparable, InvertedResidual
 from zoo.layers.conv import Conv2d
 from zoo.layers.norm import batch_norm
+from zoo.models.heads import classify, feature_dict
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
@@ -156,8 +157,14 @@ class Stage(nn.Module):
         return x
 
 
-class ClassifierHead(nn.Module):
-    """Feature head and classifier, in one of the two orders the families use (see `MobileNet`)."""
+class MobileNetHead(nn.Module):
+    """The family's pre-logits layers and classifier under one scope `head` (`head/conv`, `head/bn`, `head/fc`: the
+    names timm's and torchvision's checkpoints map to), called twice: on the last map with `pre_logits=True` (the
+    backbone's `pre_logits`), then on the backbone's dict for the logits.
+
+    head_type "efficientnet": 1x1 conv + BN + act, then global pool (MobileNetV2, EfficientNet).
+    head_type "mobilenetv3": global pool, then 1x1 conv with bias + act, no BN (MobileNetV3).
+    """
 
     num_features: int
     num_classes: int
@@ -165,32 +172,29 @@ class ClassifierHead(nn.Module):
     act: str
     conv: Any
     norm: Any
+    dense: Any = nn.Dense
     drop_rate: float = 0.0
-    dtype: Any = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        act = get_act(self.act)
-        if self.head_type == "efficientnet":
-            x = self.conv(self.num_features, 1, name="conv")(x)
-            x = act(self.norm(use_running_average=not train, name="bn")(x))
-            x = jnp.mean(x, axis=(1, 2), keepdims=True)
-        else:
-            x = jnp.mean(x, axis=(1, 2), keepdims=True)
-            x = act(self.conv(self.num_features, 1, use_bias=True, name="conv")(x))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-        if self.num_classes:
-            x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
-        return x.astype(jnp.float32)
+    def __call__(self, x, train: bool = False, pre_logits: bool = False):
+        if pre_logits:
+            act = get_act(self.act)
+            if self.head_type == "efficientnet":
+                x = self.conv(self.num_features, 1, name="conv")(x)
+                x = act(self.norm(use_running_average=not train, name="bn")(x))
+                x = jnp.mean(x, axis=(1, 2), keepdims=True)
+            else:
+                x = jnp.mean(x, axis=(1, 2), keepdims=True)
+                x = act(self.conv(self.num_features, 1, use_bias=True, name="conv")(x))
+            return x.reshape(x.shape[0], -1)
+        return classify(x, self.num_classes, self.drop_rate, self.dense, train)  # `head/fc`
 
 
 class MobileNet(nn.Module):
-    """Stem conv -> stages -> head -> classifier.
+    """Backbone (stem conv -> stages -> pre-logits conv and pool) + classifier (`MobileNetHead`).
 
-    head_type "efficientnet": 1x1 conv + BN + act, then global pool (MobileNetV2, EfficientNet).
-    head_type "mobilenetv3": global pool, then 1x1 conv with bias + act, no BN (MobileNetV3).
-    `num_classes=0` returns the pooled features.
+    `features=True`: the backbone's dict (`feature_info` names and `pre_logits`, see `zoo.models.heads`).
+    `num_classes=0` returns the pre-logits.
     """
 
     stages: tuple[tuple[Block, ...], ...]
@@ -215,17 +219,18 @@ class MobileNet(nn.Module):
         norm = partial(batch_norm(self.bn_eps), dtype=self.dtype)
         x = ConvBnAct(self.stem_chs, conv, norm, kernel=3, stride=2, act=self.act, name="stem")(x, train)
         n_blocks = sum(len(s) for s in self.stages)
-        wanted = {f.name for f in feature_info(self.stages)}
-        seen, feats = 0, [x] if "stem" in wanted else []
+        names = [f.name for f in feature_info(self.stages)]
+        seen, maps = 0, [x] if "stem" in names else []
         for i, blocks in enumerate(self.stages):
             # stochastic depth grows linearly with block index (EfficientNet)
             rates = tuple(self.drop_path_rate * (seen + j) / n_blocks for j in range(len(blocks)))
             seen += len(blocks)
             x = Stage(blocks, conv, norm, self.se_act, self.se_gate, rates, name=f"stages_{i}")(x, train)
-            if f"stages_{i}" in wanted:
-                feats.append(x)
+            if f"stages_{i}" in names:
+                maps.append(x)
+        head = MobileNetHead(self.num_features, self.num_classes, self.head_type, self.act, conv, norm,
+                             partial(nn.Dense, dtype=self.dtype), self.drop_rate, name="head")
+        feats = feature_dict(names, maps, head(x, train, pre_logits=True))
         if features:
             return feats
-        head = ClassifierHead(self.num_features, self.num_classes, self.head_type, self.act, conv, norm,
-                              self.drop_rate, self.dtype, name="head")
-        return head(x, train)
+        return head(feats, train)

@@ -29,6 +29,7 @@ from zoo.layers.conv import Conv2d
 from zoo.layers.norm import BN_EPS_TORCH, batch_norm
 from zoo.layers.reparam import MobileOneBlock
 from zoo.models._pretrained import timm_weights
+from zoo.models.heads import ClassifierHead, feature_dict
 from zoo.registry import register_model
 
 
@@ -117,22 +118,6 @@ def feature_info(stages: Stages, stem_chs: int) -> tuple[FeatureInfo, ...]:
     return tuple(infos)
 
 
-class Head(nn.Module):
-    """Global average pool -> dropout -> fc (`num_classes=0`: the pooled features)."""
-
-    num_classes: int
-    drop_rate: float = 0.0
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if self.num_classes <= 0:
-            return x
-        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
-
-
 class MobileOneStage(nn.Module):
     blocks: tuple[BlockCfg, ...]
     block: Any  # MobileOneBlock with the network's conv, norm, act and form bound
@@ -149,8 +134,9 @@ class MobileOneStage(nn.Module):
 
 
 class MobileOne(nn.Module):
-    """Stem block -> stages of (depthwise, pointwise) block pairs -> pool -> fc. `deploy=True`: every block is one
-    conv with a bias (the variables `compress.deploy.reparameterize` gives)."""
+    """Backbone (stem block -> stages of (depthwise, pointwise) block pairs -> pool: `pre_logits`) + classifier
+    (`ClassifierHead`: fc). `features=True`: the backbone's dict (`zoo.models.heads`). `deploy=True`: every block is
+    one conv with a bias (the variables `compress.deploy.reparameterize` gives)."""
 
     stages: Stages
     stem_chs: int
@@ -171,7 +157,7 @@ class MobileOne(nn.Module):
                         norm=partial(batch_norm(self.bn_eps), dtype=self.dtype), act=self.act, deploy=self.deploy)
         # the stem has a single 3x3 branch in every variant (timm builds it without `num_conv_branches`)
         x = block(self.stem_chs, 3, 2, name="stem")(x, train)
-        feats = [x]
+        maps = [x]
         resolved, in_chs = [], self.stem_chs
         for s in self.stages:
             resolved.append(resolve_stage(s, in_chs))
@@ -184,10 +170,13 @@ class MobileOne(nn.Module):
             stage_rates = tuple(rates[seen:seen + len(blocks)])
             seen += len(blocks)
             x = MobileOneStage(blocks, block, self.num_conv_branches, stage_rates, name=f"stages_{i}")(x, train)
-            feats.append(x)
+            maps.append(x)
+        feats = feature_dict(["stem"] + [f"stages_{i}" for i in range(len(resolved))], maps,
+                             jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
         if features:
             return feats
-        return Head(self.num_classes, self.drop_rate, self.dtype, name="head")(x, train)
+        return ClassifierHead(self.num_classes, self.drop_rate, partial(nn.Dense, dtype=self.dtype), name="head")(
+            feats, train)
 
 
 def timm_rename(module: MobileOne):

@@ -32,6 +32,7 @@ from zoo.layers.norm import BN_EPS_TORCH, batch_norm
 from zoo.layers import kinds
 from zoo.models.mobilenet_base import make_divisible
 from zoo.models._pretrained import timm_weights
+from zoo.models.heads import ClassifierHead, feature_dict
 from zoo.registry import register_model
 
 ModuleDef = Any
@@ -318,24 +319,9 @@ class Stage(nn.Module):
         return x
 
 
-class Head(nn.Module):
-    """Global average pool -> dropout -> fc (`num_classes=0`: the pooled features)."""
-
-    num_classes: int
-    drop_rate: float = 0.0
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if self.num_classes <= 0:
-            return x
-        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
-
-
 class MobileViT(nn.Module):
-    """Stem 3x3/2 conv -> stages -> 1x1 `final_conv` to `num_features` -> pool -> fc."""
+    """Backbone (stem 3x3/2 conv -> stages -> 1x1 `final_conv` to `num_features` -> pool: `pre_logits`) + classifier
+    (`ClassifierHead`: fc). `features=True`: the backbone's dict (`zoo.models.heads`)."""
 
     stages: Stages
     num_features: int
@@ -357,18 +343,20 @@ class MobileViT(nn.Module):
         # stochastic depth grows linearly over all blocks (a MobileViT block counts as one), as timm's ByobNet
         n_blocks = sum(len(s) for s in self.stages)
         rates = [self.drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
-        wanted = {f.name for f in feature_info(self.stages)}
-        seen, feats = 0, []
+        names = [f.name for f in feature_info(self.stages)]
+        seen, maps = 0, []
         for i, blocks in enumerate(self.stages):
             stage_rates = tuple(rates[seen:seen + len(blocks)])
             seen += len(blocks)
             x = Stage(blocks, conv, norm, self.act, stage_rates, self.dtype, name=f"stages_{i}")(x, train)
-            if f"stages_{i}" in wanted:
-                feats.append(x)
+            if f"stages_{i}" in names:
+                maps.append(x)
+        x = ConvNormAct(self.num_features, conv, norm, 1, act=self.act, name="final_conv")(x, train)
+        feats = feature_dict(names, maps, jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
         if features:
             return feats
-        x = ConvNormAct(self.num_features, conv, norm, 1, act=self.act, name="final_conv")(x, train)
-        return Head(self.num_classes, self.drop_rate, self.dtype, name="head")(x, train)
+        return ClassifierHead(self.num_classes, self.drop_rate, partial(nn.Dense, dtype=self.dtype), name="head")(
+            feats, train)
 
 
 def timm_rename(module: MobileViT):
