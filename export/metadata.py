@@ -3,7 +3,9 @@
 `model.tflite.json` next to `model.tflite` holds what a caller needs to feed the model and read its output: input
 size, mean/std, interpolation, crop_pct, labels, the quantization and the input/output dtypes with their scale and
 zero point, plus the verification and op reports of the export and the sha256 of the .tflite bytes it describes (so a
-stale sidecar is caught instead of silently misclassifying).
+stale sidecar is caught instead of silently misclassifying). `signatures` lists every signature of the file with its
+input and output names, and what its verification checked (`check`) with the check's report; `input`, `output` and
+`verification` repeat the first signature's for single-output readers.
 """
 
 from __future__ import annotations
@@ -41,9 +43,20 @@ def _finite(obj):
 def build(*, name: str, cfg, labels, quantization: str, int8_io: bool, batch: int, input_hw: tuple[int, int],
           ops, verification, content: bytes, versions: dict, calibration: str | None = None,
           bias_correction: bool = False, equalization: bool = False, int8_keep_float: str | None = None,
-          int8_split_top_row: str | None = None) -> dict:
-    """The sidecar dictionary of one export (`ops`: OpsReport, `verification`: VerifyReport)."""
-    inp, out = ops.inputs[0], ops.outputs[0]
+          int8_split_top_row: str | None = None, signatures: dict | None = None,
+          checks: dict | None = None) -> dict:
+    """The sidecar dictionary of one export (`ops`: OpsReport, `verification`: the first signature's report;
+    `signatures`: key -> {"inputs", "outputs"} TensorInfo lists, `export.signatures.read`; `checks`: key ->
+    (OutputCheck, its report, where the verify inputs came from))."""
+    first = next(iter(signatures.values())) if signatures else None
+    inp = first["inputs"][0] if first else ops.inputs[0]
+    out = first["outputs"][0] if first else ops.outputs[0]
+    checks = checks or {}
+    listed = {k: {"inputs": [t.as_dict() for t in v["inputs"]], "outputs": [t.as_dict() for t in v["outputs"]],
+                  "check": getattr(checks[k][0], "name", type(checks[k][0]).__name__) if k in checks else None,
+                  "verification": _finite(checks[k][1].as_dict()) if k in checks else None,
+                  "data": checks[k][2] if k in checks else None}
+              for k, v in (signatures or {}).items()}
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -72,6 +85,8 @@ def build(*, name: str, cfg, labels, quantization: str, int8_io: bool, batch: in
         "size_bytes": len(content),
         "sha256": sha256_bytes(content),
         "verification": _finite(verification.as_dict()) if verification is not None else None,
+        "check": next(iter(listed.values()))["check"] if listed else None,
+        "signatures": listed,
         "ops": ops.ops,
         "float_islands": [list(i) for i in ops.float_islands],
         "exporter": versions,
@@ -125,6 +140,9 @@ def predict_tflite(model_path: str | Path, images, top_k: int = 5,
     meta = read(model_path)
     x = preprocess_for(meta, images)
     runner = LiteRTRunner(model_path, num_threads=num_threads)
+    if runner.output is None:
+        raise ValueError(f"{model_path} has outputs {list(runner.outputs)}: top-k classes need one logits output; "
+                         "run it with export.LiteRTRunner(path).run(x), which returns them by name")
     logits = runner.run(x).reshape(len(x), -1)
     z = logits - logits.max(-1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)

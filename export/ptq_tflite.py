@@ -1,6 +1,6 @@
 """Re-estimating the activation ranges of a calibrated TFLite model before it is quantized to int8.
 
-The TFLite converter calibrates in two steps (`export.tflite._quantize_two_step`): a float flatbuffer carrying each
+The TFLite converter calibrates in two steps (`export.convert._quantize_two_step`): a float flatbuffer carrying each
 activation tensor's observed min/max, then quantization from those. Between them this module runs the calibrated
 model in the LiteRT interpreter over the calibration batches, histograms every calibrated tensor (fixed bins over
 the converter's min/max, so memory does not grow with the data), chooses a new range per tensor

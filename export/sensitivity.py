@@ -109,7 +109,7 @@ def check_parts(parts, top_level: tuple[str, ...], variables) -> tuple[str, ...]
 
 def _check_baseline(baseline, module, variables, x) -> None:
     """The given all-int8 result must have been verified on these inputs against this model."""
-    from export.tflite import _reference
+    from export.parity import _reference
 
     if getattr(baseline, "quantization", None) != "int8" or baseline.reference is None:
         raise ValueError("baseline must be the result of a full-int8 to_tflite export with verify_data")

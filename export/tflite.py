@@ -1,14 +1,14 @@
 """`to_tflite`: a zoo model -> a verified .tflite (fp32, fp16, dynamic-range int8 or full int8) with its sidecar.
 
 Path: jax2tf native serialization (`export.trace`) -> `tf.lite.TFLiteConverter.from_concrete_functions`, which
-legalizes the StableHLO into builtin TFLite ops and folds BatchNorm into the convolutions -> op report
-(`export.ops_report`) -> verification in the LiteRT interpreter against JAX (`export.verify`) -> atomic write of the
-model and its `model.tflite.json` sidecar (`export.metadata`), only once everything passed.
+legalizes the StableHLO into builtin TFLite ops and folds BatchNorm into the convolutions (`export.convert`) -> op
+report (`export.ops_report`) -> verification of every signature in the LiteRT interpreter against JAX
+(`export.parity`, with the task's `export.verify.OutputCheck`) -> atomic write of the model and its
+`model.tflite.json` sidecar (`export.metadata`), only once everything passed. A file holds the model's forward
+(outputs named by the keys of a dict it returns) or several signatures (`export.signatures`).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import os
 import re
@@ -17,20 +17,21 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from export import calibration as calib_io
-from export import metadata, ops_report, row_split, verify
-from export.errors import ExportError, UnsupportedOpsError
+from export import metadata, ops_report, parity, row_split
+from export import signatures as sigs
+from export.convert import RangeHook, calibration_samples, convert
+from export.errors import UnsupportedOpsError
+from export.parity import _reference  # noqa: F401 - where callers have found the cached JAX reference
 from export.rewrites import INT8_ACTIVATIONS
+from export.verify import DEFAULT_ATOL, DEFAULT_RTOL
 
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
 _ALIASES = {None: "fp32", "fp32": "fp32", "float32": "fp32", "none": "fp32", "fp16": "fp16", "float16": "fp16",
             "dynamic": "dynamic", "int8": "int8"}
-DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 1e-5  # relative to the largest |logit|; see export.verify
 DEFAULT_NUM_VERIFY = 8
 # Module paths kept in float by full-int8 exports: LayerNorm and attention of transformer blocks (MobileViT). In int8
 # they ruin accuracy and fall off XNNPACK: a random-weight MobileViT-XXS at 128x128 went from -0.9 dB output SQNR,
@@ -41,7 +42,6 @@ DEFAULT_INT8_KEEP_FLOAT = "auto"
 # How full-int8 activation ranges are chosen from the calibration data: the converter's own min/max, or replaced
 # before quantization by percentile clipping or the int8 MSE-optimal range (export.ptq_ranges).
 CALIBRATIONS = ("minmax", "percentile", "mse")
-RangeHook = Callable[[bytes, list], bytes]
 
 
 @dataclass
@@ -50,32 +50,39 @@ class ExportResult:
 
     name: str
     quantization: str
-    input_shape: tuple[int, int, int, int]
+    input_shape: tuple[int, ...]  # the (first) signature's first input, batch first
     content: bytes = field(repr=False)
     path: Path | None
     ops: ops_report.OpsReport = field(repr=False)
     delegate: object | None  # runtime.DelegateReport: XNNPACK partitions of the verifying interpreter
-    verification: verify.VerifyReport | None
+    verification: object | None  # the (first) signature's check report: verify.VerifyReport for classification
     metadata: dict = field(repr=False)
     timings: dict[str, float] = field(default_factory=dict)
-    outputs: np.ndarray | None = field(default=None, repr=False)  # exported model's outputs on the verify inputs
-    reference: np.ndarray | None = field(default=None, repr=False)  # JAX's on the same inputs
+    # exported model's outputs on the verify inputs, and JAX's: an array, or a dict by output name for several
+    # outputs; for a file of several signatures, a dict by signature key of those
+    outputs: np.ndarray | dict | None = field(default=None, repr=False)
+    reference: np.ndarray | dict | None = field(default=None, repr=False)
+    verifications: dict[str, object] = field(default_factory=dict, repr=False)  # signature key -> check report
+    signatures: dict[str, dict] = field(default_factory=dict, repr=False)  # key -> {"inputs", "outputs"}: TensorInfo
 
     @property
     def size_bytes(self) -> int:
         return len(self.content)
 
     def summary(self) -> str:
-        b, h, w, c = self.input_shape
+        shape = self.input_shape
         where = f" -> {self.path}" if self.path else ""
         total = sum(self.timings.values())
-        lines = [f"{self.name}{where}: {self.quantization}, {self.size_bytes / 1e6:.2f} MB, input {h}x{w}x{c}, "
-                 f"batch {b} (exported in {total:.1f} s: "
-                 + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()) + ")",
+        inp = (f"input {shape[1]}x{shape[2]}x{shape[3]}, batch {shape[0]}" if len(shape) == 4
+               else f"input {list(shape)}")
+        lines = [f"{self.name}{where}: {self.quantization}, {self.size_bytes / 1e6:.2f} MB, {inp} (exported in "
+                 f"{total:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()) + ")",
                  self.ops.summary()]
         if self.delegate is not None:
             lines.append(self.delegate.summary())
-        if self.verification is not None:
+        if len(self.verifications) > 1:
+            lines += [f"signature {k}: {r.summary()}" for k, r in self.verifications.items()]
+        elif self.verification is not None:
             lines.append(self.verification.summary())
         return "\n".join(lines)
 
@@ -154,17 +161,6 @@ def _versions(target: str | None) -> dict:
     return out
 
 
-def _tensor_names(content: bytes) -> list[str]:
-    from export.ops_report import _schema
-
-    model = _schema().Model.GetRootAs(content, 0)
-    names = []
-    for si in range(model.SubgraphsLength()):
-        g = model.Subgraphs(si)
-        names += [(g.Tensors(i).Name() or b"").decode() for i in range(g.TensorsLength())]
-    return names
-
-
 def int8_float_pattern(module, variables=None, input_shape=None) -> str | None:
     """The "auto" `int8_keep_float`: a regex over the module paths of every layer whose kind the layer-kinds table
     keeps float in int8 files (None when the model has none). `variables` may be None (abstract init)."""
@@ -197,79 +193,6 @@ def wants_float(variables, keep_float: str | None) -> bool:
         if pat.search("/" + keys + "/"):
             return True
     return False
-
-
-def _convert(tf, holder, concrete, q: str, calib: np.ndarray | None, batch: int, int8_io: bool, allow_flex: bool,
-             progress: bool, keep_float: str | None = None, ranges: RangeHook | None = None) -> bytes:
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
-    ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if q != "fp32":
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    if q == "fp16":
-        conv.target_spec.supported_types = [tf.float16]
-    if q == "int8":
-        batches = calib_io.chunks(calib, batch)
-
-        def representative():
-            it = batches
-            if progress:
-                from tqdm.auto import tqdm
-
-                it = tqdm(batches, desc="calibrating", unit="batch", leave=False)
-            for x in it:
-                yield [x]
-
-        conv.representative_dataset = representative
-        ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if int8_io:
-            conv.inference_input_type = tf.int8
-            conv.inference_output_type = tf.int8
-    if allow_flex:
-        ops = ops + [tf.lite.OpsSet.SELECT_TF_OPS]
-    conv.target_spec.supported_ops = ops
-    try:
-        if q == "int8" and (keep_float or ranges is not None):
-            return _quantize_two_step(tf, conv, keep_float, int8_io, ranges, calib_io.chunks(calib, batch))
-        return conv.convert()
-    except ExportError:
-        raise
-    except Exception as e:  # the converter raises ConverterError / RuntimeError with pages of MLIR diagnostics
-        text = str(e).strip()
-        hint = ""
-        if "deserialize portable artifact" in text or "neither a custom op nor a flex op" in text:
-            hint = (" (the StableHLO in the exported module is newer than this TensorFlow reads; see "
-                    "export.trace.stablehlo_versions())")
-        elif q == "int8" and ("quantiz" in text.lower()):
-            hint = " (an op has no int8 kernel; try quantization='dynamic' or report the op)"
-        first = "\n".join(text.splitlines()[:12])
-        raise ExportError(f"TFLite conversion ({q}) failed{hint}:\n{first}") from e
-
-
-def _quantize_two_step(tf, conv, keep_float: str | None, int8_io: bool, ranges: RangeHook | None,
-                       batches: list[np.ndarray]) -> bytes:
-    """Full-int8 conversion in two steps - calibrate, then quantize - as the converter does internally, with two
-    things possible in between: `ranges(calibrated, batches)` replaces the calibrated activation min/max (see
-    `resolve_calibration`), and ops whose output tensor names (the flax module paths) match `keep_float` stay float
-    (the converter's own deny-list, what TF's QuantizationDebugger does for selective quantization)."""
-    try:
-        from tensorflow.lite.python import convert as tfl_convert
-        from tensorflow.lite.python import util as tfl_util
-    except ImportError as e:  # pragma: no cover - a future TF
-        raise ExportError(f"this TensorFlow has no two-step quantization entry point ({e}); pass "
-                          "int8_keep_float=None and calibration='minmax'") from e
-    conv._experimental_calibrate_only = True  # noqa: SLF001
-    calibrated = conv.convert()
-    if ranges is not None:
-        calibrated = ranges(calibrated, batches)
-    nodes = []
-    if keep_float:
-        pat = re.compile(keep_float)
-        nodes = sorted({n for n in _tensor_names(calibrated) if pat.search(n)})
-    model = tfl_convert.mlir_quantize(calibrated, input_data_type=tf.float32, output_data_type=tf.float32,
-                                      denylisted_nodes=nodes)
-    if int8_io:
-        model = tfl_util.modify_model_io_type(model, tf.int8, tf.int8)
-    return model
 
 
 def _bias_corrected(module, variables, calib: np.ndarray, q: str, keep_float: str | None) -> dict:
@@ -309,96 +232,6 @@ def resolve_calibration(calibration, q: str) -> RangeHook | None:
     from export.ptq_tflite import range_hook
 
     return range_hook(method)
-
-
-_REFERENCE_FNS: dict = {}
-_REFERENCE_OUTPUTS: dict = {}  # (function key, digest of variables and inputs) -> logits, a few recent ones
-
-
-def _digest(variables, x: np.ndarray) -> str:
-    """A content hash of the variables and inputs (~0.1 s for 256 images at 224x224): a cached reference is reused only
-    for the same numbers, whatever object holds them."""
-    import hashlib
-
-    import jax
-
-    h = hashlib.blake2b(digest_size=16)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-        a = np.asarray(leaf)
-        h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    h.update(f"x:{x.dtype}:{x.shape}".encode())
-    h.update(np.ascontiguousarray(x).tobytes())
-    return h.hexdigest()
-
-
-def _reference(module, variables, x: np.ndarray) -> np.ndarray:
-    """JAX logits of the model as the caller runs it: no export rewrites, and the depthwise formulation in effect
-    (`zoo.layers.conv.depthwise_impl`; on CPU by default the shifted-slice one, which gives the exported native
-    convolution's numbers up to float rounding).
-
-    The jitted function is kept per (module, formulation), so exporting one model several times (fp32, fp16, int8;
-    `export.mixed` and `export.sensitivity` export it up to a dozen times) compiles the reference once per input shape,
-    and its logits on the same variables and inputs are computed once (a forward pass of 256 images at 224x224 takes
-    ~10 s on 2 CPU cores). Wrapping the export in `depthwise_impl("native")` compiles faster (fewer ops) but runs
-    depthwise convolutions slowly on XLA:CPU: worth it for a few small verification inputs.
-    """
-    import jax
-
-    from zoo.layers.conv import resolved_depthwise_impl
-
-    key = (module, resolved_depthwise_impl())
-    try:
-        fn = _REFERENCE_FNS.get(key)
-    except TypeError:  # an unhashable module
-        fn, key = None, None
-    if fn is None:
-        fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
-        if key is not None:
-            if len(_REFERENCE_FNS) >= 8:
-                _REFERENCE_FNS.pop(next(iter(_REFERENCE_FNS)))
-            _REFERENCE_FNS[key] = fn
-    if key is None:
-        return np.asarray(fn(variables, x), np.float32)
-    out_key = (key, _digest(variables, x))
-    out = _REFERENCE_OUTPUTS.get(out_key)
-    if out is None:
-        out = np.asarray(fn(variables, x), np.float32)
-        out.setflags(write=False)  # shared by every export that verifies on these inputs
-        if len(_REFERENCE_OUTPUTS) >= 4:
-            _REFERENCE_OUTPUTS.pop(next(iter(_REFERENCE_OUTPUTS)))
-        _REFERENCE_OUTPUTS[out_key] = out
-    return out
-
-
-def _reference_float64(module, variables, x: np.ndarray) -> np.ndarray:
-    """The JAX logits computed in float64 throughout (a yardstick for fp32 rounding; compiled only when needed)."""
-    import jax
-    import jax.numpy as jnp
-
-    with jax.enable_x64(True):
-        v64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)
-                           else a, variables)
-        out = jax.jit(lambda v, x: module.apply(v, x, train=False))(v64, jnp.asarray(x, jnp.float64))
-        return np.asarray(out, np.float64)
-
-
-def _run_exported(content: bytes, x: np.ndarray, flex: bool):
-    """Outputs of the exported model in LiteRT (+ its XNNPACK report); Flex models need TF's interpreter."""
-    from export.runtime import LiteRTRunner
-
-    if not flex:
-        runner = LiteRTRunner(content)
-        return runner.run(x), runner.delegate_report()
-    import tensorflow as tf  # only TF's interpreter links the Flex delegate; XNNPACK off (FINDINGS: wrong int8)
-
-    builtin = tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    it = tf.lite.Interpreter(model_content=content, experimental_op_resolver_type=builtin)
-    it.allocate_tensors()
-    runner = LiteRTRunner.__new__(LiteRTRunner)
-    runner.interpreter = it
-    runner.input, runner.output = it.get_input_details()[0], it.get_output_details()[0]
-    return runner.run(x), None
 
 
 def _write_atomic(path: Path, content: bytes) -> None:
@@ -441,6 +274,8 @@ def to_tflite(
     cfg=None,
     labels=None,
     name: str | None = None,
+    signatures=None,
+    check=None,
     progress: bool = True,
 ) -> ExportResult:
     """Export a model to TFLite, verify it against JAX in the LiteRT interpreter, and write it (atomically) to `out`.
@@ -486,7 +321,19 @@ def to_tflite(
         (`compress.bias_correction`); the file is still verified against the model as given.
     equalization: for "int8", first move per-channel scales across ReLU/ReLU6 pairs and residual streams so that
         each activation tensor's channels share its per-tensor int8 range better (`compress.equalize`; exact on
-        `representative_data`).
+        `representative_data`). The scales move into BatchNorm: a model without BatchNorm, or whose forward returns
+        a dict, is left as it is.
+    signatures: instead of the model's forward, the file's signatures: a dict name -> `(fn, input_shape)` or
+        `(fn, {input name: shape})`, `fn(module, variables, *inputs)` traced over the deploy-form module and its
+        variables, shapes batch first (`export.signatures`; `input_hw` and `batch` then come from the shapes). Data
+        arguments then take, per signature, an array (one input) or a dict by input name, and with several
+        signatures a dict by signature name: `representative_data` for every signature ("int8"), `verify_data` for
+        any (random normal inputs for the rest). The forward's own rewrites (equalization, bias correction, row
+        split, custom calibration ranges of several inputs) are not applied to signatures.
+    check: how each signature is verified (`export.verify.OutputCheck`), or a dict of them by signature name. By
+        default `ClassificationCheck` (with `atol`, `rtol`, `min_agreement`, `verify_labels`) for one output and
+        `PerOutputCheck` (`atol`, `rtol`) for several. A model or signature returning a dict of arrays exports
+        those as named outputs (ordered by name); the runner and `ExportResult.outputs` return them as a dict.
     """
     q = check_quantization(quantization)
     if int8_io and q != "int8":
@@ -504,13 +351,19 @@ def to_tflite(
         if q != "int8":
             raise ValueError(f"int8_split_top_row is an int8 rewrite; quantization is {q!r}")
         row_split.check_pattern(int8_split_top_row)
+    functions = sigs.resolve(signatures) if signatures is not None else None
+    if functions is not None:
+        sigs.check_signature_options(functions, input_hw=input_hw, batch=batch, split=int8_split_top_row,
+                                     ranges=ranges, labels=verify_labels)
     out_path = _check_out(out)
 
     module, variables, cfg, labels, name = _resolve_model(model_or_module, variables, cfg, labels, name, progress)
     import zoo
 
+    if functions is not None:
+        input_hw = input_hw or sigs.image_hw(functions)
     if cfg is None:
-        if input_hw is None:
+        if input_hw is None and functions is None:
             raise ValueError("a bare module needs input_hw=(H, W) (or cfg=ModelCfg(...))")
         cfg = zoo.ModelCfg(name=name, family="")
     hw = tuple(int(v) for v in (input_hw or cfg.input_size))
@@ -518,63 +371,70 @@ def to_tflite(
         raise ValueError(f"input_hw must be (H, W) with positive sizes, got {input_hw!r}")
     cfg = cfg.replace(input_size=hw)
     shape = (batch, *hw, cfg.in_chans)
+    forward = functions is None
+    if forward:
+        functions = {sigs.DEFAULT_KEY: sigs.Signature(parity.model_forward, {sigs.DEFAULT_INPUT: shape})}
+    names = {k: sigs.output_names(f.fn, module, variables, f, f"{name}'s forward" if forward else f"signature {k!r}")
+             for k, f in functions.items()}  # bad outputs fail here, before any pass or minutes of tracing
     # Deploy form first: multi-branch blocks become one conv (BatchNorm folding is the converter's own step).
     from compress.deploy import reparameterize
 
     module, variables = reparameterize(module, variables, input_shape=(1, *shape[1:]))
-
-    calib = None
-    if representative_data is not None:
-        calib = calib_io.as_float_batch(representative_data, shape, "representative_data")
-    if verify_data is not None:
-        vdata, source = calib_io.as_float_batch(verify_data, shape, "verify_data"), "caller"
-    elif q == "int8":
-        vdata, source = calib[:DEFAULT_NUM_VERIFY], "calibration"
-    else:
-        vdata = np.random.default_rng(0).standard_normal((DEFAULT_NUM_VERIFY, *shape[1:])).astype(np.float32)
-        source = "random"
-    if verify_labels is not None and len(np.asarray(verify_labels).reshape(-1)) != len(vdata):
-        raise ValueError(f"verify_labels has {len(np.asarray(verify_labels).reshape(-1))} labels for {len(vdata)} "
-                         "verify_data inputs")
+    calib, vdata, sources = sigs.prepare_data(functions, representative_data, verify_data, q, DEFAULT_NUM_VERIFY)
+    checks = parity.resolve_checks(check, names, sources, {k: len(next(iter(v.values()))) for k, v in vdata.items()},
+                                   atol=atol, rtol=rtol, min_agreement=min_agreement, labels=verify_labels)
+    first = next(iter(functions))
+    images = calib[first][sigs.DEFAULT_INPUT] if forward and calib else None  # the forward's calibration images
 
     prog = _Progress(progress, name)
-    prog.stage("trace", f"tracing with jax2tf ({hw[0]}x{hw[1]}, batch {batch}, native depthwise)")
-    from export.trace import import_tf, stablehlo_versions, trace_concrete_function
+    prog.stage("trace", f"tracing with jax2tf ({len(functions)} signatures)" if not forward else
+               f"tracing with jax2tf ({hw[0]}x{hw[1]}, batch {batch}, native depthwise)")
+    from export.trace import import_tf, stablehlo_versions, trace_functions
 
     tf = import_tf()
     if q == "int8":
-        int8_keep_float = resolve_keep_float(int8_keep_float, module, variables, shape)
+        int8_keep_float = resolve_keep_float(int8_keep_float, module, variables, shape if forward else None)
     keep = int8_keep_float if (q == "int8" and wants_float(variables, int8_keep_float)) else None
     # a quantization-aware model (its `quant_stats` collection) already trained its kernels and biases for int8
     trained = "quant_stats" in variables
-    corrected = bias_correction and calib is not None and not trained
-    equalized = equalization and q == "int8" and not trained
+    corrected = bias_correction and images is not None and not trained
+    # scales move into BatchNorm (nothing to equalize without one); compress.equalize checks one output array
+    equalized = (equalization and q == "int8" and forward and not trained and bool(variables.get("batch_stats"))
+                 and names[first] is None)
     export_variables = variables  # the same module with corrected variables, so the graph keeps its names
     if equalized:
-        prog.stage("equalize", f"equalizing activation ranges on {len(calib)} inputs")
+        prog.stage("equalize", f"equalizing activation ranges on {len(images)} inputs")
         from compress.equalize import equalize_activations
 
-        _, export_variables = equalize_activations(module, variables, calib)
+        _, export_variables = equalize_activations(module, variables, images)
     if corrected:
-        prog.stage("bias", f"correcting biases for int8 weights on {len(calib)} inputs")
-        export_variables = _bias_corrected(module, export_variables, calib, q, keep)
+        prog.stage("bias", f"correcting biases for int8 weights on {len(images)} inputs")
+        export_variables = _bias_corrected(module, export_variables, images, q, keep)
     if int8_split_top_row == "auto":  # not for a quantization-aware model: it trained its own quantization points
-        auto = q == "int8" and not trained
-        int8_split_top_row = row_split.border_heavy_stages(module, export_variables, calib) if auto else None
+        auto = q == "int8" and forward and not trained
+        int8_split_top_row = row_split.border_heavy_stages(module, export_variables, images) if auto else None
     acts = INT8_ACTIVATIONS if (q == "int8" and int8_friendly_activations) else None
-    apply = lambda v, x: module.apply(v, x, train=False)  # noqa: E731
+    traced = {k: (sigs.flat_fn(f.fn, module), f.inputs) for k, f in functions.items()}
     if int8_split_top_row is not None:
-        apply, acts = row_split.split_apply(apply, int8_split_top_row, acts)
-    holder, concrete = trace_concrete_function(apply, export_variables, shape, activations=acts, params=params)
-    prog.stage("convert", f"converting to TFLite ({q}" + (f", calibrating on {len(calib)} inputs" if q == "int8"
-                                                          else "") + ")")
-    content = _convert(tf, holder, concrete, q, calib, batch, int8_io, allow_flex, progress, keep, ranges)
+        apply, acts = row_split.split_apply(traced[first][0], int8_split_top_row, acts)
+        traced[first] = (apply, traced[first][1])
+    holder, concretes = trace_functions(traced, export_variables, activations=acts, params=params)
+    count = sum(len(next(iter(c.values()))) for c in calib.values())
+    prog.stage("convert", f"converting to TFLite ({q}" + (f", calibrating on {count} inputs" if q == "int8" else "")
+               + ")")
+    samples = calibration_samples(calib, {k: f.batch for k, f in functions.items()}) if q == "int8" else None
+    # a ranges hook runs the calibrated file on its one input (checked by sigs.check_signature_options)
+    batches = calib_io.chunks(next(iter(calib[first].values())), functions[first].batch) if ranges else None
+    content = convert(tf, holder, concretes, q, samples, batches, int8_io, allow_flex, progress, keep, ranges)
     if q == "dynamic" and dynamic_float_depthwise:
         from export.rewrites import float_depthwise_weights
 
         content, _ = float_depthwise_weights(content)
+    if len(functions) == 1 and first != sigs.DEFAULT_KEY:  # the converter names a lone signature serving_default
+        content = sigs.rename(content, sigs.DEFAULT_KEY, first)
 
-    prog.stage("verify", f"checking ops and verifying on {len(vdata)} {source} input(s) in LiteRT")
+    prog.stage("verify", f"checking ops and verifying {len(functions)} signature(s) on "
+               f"{', '.join(sorted(set(sources.values())))} inputs in LiteRT")
     report = ops_report.analyze(content)
     if report.stablehlo_ops:
         raise UnsupportedOpsError(f"the converted graph contains STABLEHLO_* ops that no LiteRT CPU kernel runs: "
@@ -583,22 +443,17 @@ def to_tflite(
         bad = {**report.flex_ops, **report.custom_ops}
         raise UnsupportedOpsError(f"the converted graph needs Flex/custom ops {bad}, which stock LiteRT cannot run; "
                                   "pass allow_flex=True to accept them", bad)
-    outputs, delegate = _run_exported(content, vdata, bool(report.flex_ops))
-    reference = _reference(module, variables, vdata)
-    result = verify.compare(reference, outputs, q, data=source, atol=atol if q == "fp32" else None, rtol=rtol,
-                            min_agreement=min_agreement if q != "fp32" else None, labels=verify_labels)
-    if q == "fp32" and not result.passed:  # is the model itself that sensitive to fp32 rounding? (verify.py)
-        ref64 = _reference_float64(module, variables, vdata)
-        result = dataclasses.replace(result, jax_fp32_error=float(np.abs(reference - ref64).max()),
-                                     tflite_fp64_error=float(np.abs(outputs.reshape(ref64.shape) - ref64).max()))
-    verify.check(result)
+    verified = parity.verify_file(content, functions, module, variables, vdata, checks, q, bool(report.flex_ops))
+    file_signatures = sigs.read(content)
+    result = verified.reports[first]
 
-    meta = metadata.build(name=name, cfg=cfg, labels=labels, quantization=q, int8_io=int8_io, batch=batch,
+    meta = metadata.build(name=name, cfg=cfg, labels=labels, quantization=q, int8_io=int8_io, batch=shape[0],
                           input_hw=hw, ops=report, verification=result, content=content,
                           versions=_versions(stablehlo_versions()["target"]),
                           calibration=_calibration_name(calibration) if q == "int8" else None,
                           bias_correction=corrected, equalization=equalized, int8_keep_float=keep,
-                          int8_split_top_row=int8_split_top_row)
+                          int8_split_top_row=int8_split_top_row, signatures=file_signatures,
+                          checks={k: (checks[k], verified.reports[k], sources[k]) for k in functions})
     if out_path is not None:
         prog.stage("write", f"writing {out_path}")
         import json
@@ -607,8 +462,12 @@ def to_tflite(
         _write_atomic(side, json.dumps(meta, indent=1).encode())
         _write_atomic(out_path, content)
     prog.end()
-    res = ExportResult(name, q, shape, content, out_path, report, delegate, result, meta, prog.timings, outputs,
-                       reference)
+    one = len(functions) == 1
+    res = ExportResult(name, q, next(iter(functions[first].inputs.values())), content, out_path, report,
+                       verified.delegate, result, meta, prog.timings,
+                       verified.outputs[first] if one else verified.outputs,
+                       verified.references[first] if one else verified.references, verified.reports,
+                       file_signatures)
     if progress:
         print(res.summary(), file=sys.stderr, flush=True)
     return res

@@ -90,10 +90,28 @@ def trace_concrete_function(
     activations: Mapping[str, Callable] | None = None,
     params: str = "constants",
 ):
-    """`apply_fn(variables, x)` as a TF concrete function of one float32 input of `input_shape`.
+    """`apply_fn(variables, x)` as a TF concrete function of one float32 input "images" of `input_shape`.
 
     Returns `(holder, concrete_fn)`: the tf.Module that owns the function (and, with `params="arguments"`, the
     variables) - the converter takes it as the trackable object - and the concrete function.
+    """
+    holder, (concrete,) = trace_functions({"serve": (apply_fn, {"images": tuple(input_shape)})}, variables,
+                                          activations=activations, params=params)
+    return holder, concrete
+
+
+def trace_functions(
+    functions: Mapping[str, tuple[Callable, Mapping[str, tuple[int, ...]]]],
+    variables,
+    *,
+    activations: Mapping[str, Callable] | None = None,
+    params: str = "constants",
+):
+    """Several `name -> (apply_fn(variables, *inputs), {input name: shape})` as TF concrete functions over one set
+    of variables, each named `name` (the converter names the signatures of a multi-function file after them) with
+    float32 inputs in the given order. An apply_fn may return a dict of arrays: its keys name the outputs.
+
+    Returns `(holder, [concrete_fn, ...])` in the order of `functions`.
     """
     if params not in ("constants", "arguments"):
         raise ValueError(f"params must be 'constants' or 'arguments', got {params!r}")
@@ -108,15 +126,22 @@ def trace_concrete_function(
     convert = partial(jax2tf.convert, with_gradient=False, native_serialization_platforms=("cpu",))
     if params == "arguments":
         holder.params = tf.nest.map_structure(lambda a: tf.Variable(np.asarray(a), trainable=False), variables)
-        converted = convert(apply_fn)
-        fn = lambda images: converted(holder.params, images)  # noqa: E731
     else:
         consts = jax.tree_util.tree_map(np.asarray, variables)
-        fn = convert(lambda images: apply_fn(consts, images))
-    holder.serve = tf.function(fn, input_signature=[tf.TensorSpec(input_shape, tf.float32, name="images")],
-                               autograph=False)
-    # Everything that is read at trace time must be in effect while the concrete function is traced.
+    tf_functions = []
+    for name, (apply_fn, inputs) in functions.items():
+        if params == "arguments":
+            converted = convert(apply_fn)
+            fn = (lambda c: lambda *xs: c(holder.params, *xs))(converted)
+        else:
+            fn = convert((lambda f: lambda *xs: f(consts, *xs))(apply_fn))
+        fn.__name__ = name
+        specs = [tf.TensorSpec(tuple(shape), tf.float32, name=k) for k, shape in inputs.items()]
+        tf_fn = tf.function(fn, input_signature=specs, autograph=False)
+        setattr(holder, f"fn_{len(tf_functions)}", tf_fn)
+        tf_functions.append(tf_fn)
+    # Everything that is read at trace time must be in effect while the concrete functions are traced.
     with depthwise_impl("native"), activation_overrides(activations or {}), \
             stablehlo_target(stablehlo_versions()["target"]):
-        concrete = holder.serve.get_concrete_function()
-    return holder, concrete
+        concretes = [f.get_concrete_function() for f in tf_functions]
+    return holder, concretes

@@ -13,16 +13,26 @@ inputs the JAX model classifies decisively (top-1 logit at least `DECISIVE_MARGI
 top class e times as likely): post-training int8 of a MobileNetV2 agrees with float on ~83-88% of random crops of real
 photos, where a quarter of the crops are near-ties (margin < 0.3), and on all of the decisive ones. With `labels`,
 both models' accuracy is reported too.
+
+What is checked is the task's choice (`OutputCheck`): `compare(reference, output, quantization)` gets both models'
+outputs of one signature as dicts by output name and returns a report with `passed`, `summary()` and `as_dict()`.
+`ClassificationCheck` (the above; the default for files whose signatures have one output) and `PerOutputCheck`
+(every output on its own: the fp32 tolerance above, SQNR for quantized files; the default for several outputs) are
+the two here; a task passes its own to `export.to_tflite(check=...)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
 from export.errors import ExportParityError
 
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-5  # relative to the largest |reference value|; see the module doc
 DECISIVE_MARGIN = 1.0  # JAX top-1 minus top-2 logit from which an input counts as decisively classified
 # An fp32 export whose difference from JAX exceeds the tolerance still passes when, against a float64 run of the same
 # JAX model, it is no further off than JAX's own fp32 result times this factor: a model with tiny BatchNorm variances
@@ -121,8 +131,12 @@ def compare(reference: np.ndarray, output: np.ndarray, quantization: str, *, dat
                         min_agreement, acc_j, acc_t)
 
 
-def check(report: VerifyReport) -> VerifyReport:
+def check(report):
     """Raise ExportParityError, naming the numbers, unless the report passes its tolerance and threshold."""
+    if not isinstance(report, VerifyReport):
+        if not report.passed:
+            raise ExportParityError(f"the TFLite model fails its check: {report.summary()}", report)
+        return report
     if report.atol is not None and not report.max_abs_diff <= report.tolerance and not report.within_fp32_rounding:
         f64 = ""
         if report.jax_fp32_error is not None:
@@ -140,3 +154,166 @@ def check(report: VerifyReport) -> VerifyReport:
             f"{report.max_abs_diff:.3g}, SQNR {report.sqnr_db:.1f} dB, flips at margins <= "
             f"{report.max_flip_margin:.3g})", report)
     return report
+
+
+@runtime_checkable
+class OutputCheck(Protocol):
+    """How an export is verified: both models' outputs of one signature (dicts by output name, float arrays with the
+    samples first) -> a report with `passed`, `summary()` and `as_dict()`; `check` raises when it did not pass.
+
+    A check may also define `with_float64(report, reference, reference64, output) -> report`: for an fp32 file
+    that failed, it gets the JAX outputs computed in float64 too, to judge whether the model itself is that sensitive
+    to float rounding (see FLOAT64_FACTOR).
+    """
+
+    name: str
+
+    def compare(self, reference: Mapping[str, np.ndarray], output: Mapping[str, np.ndarray], quantization: str): ...
+
+
+def _same_names(reference: Mapping, output: Mapping) -> None:
+    if list(reference) != list(output):
+        raise ExportParityError(f"exported model returns outputs {list(output)}, JAX {list(reference)}")
+
+
+@dataclass(frozen=True)
+class ClassificationCheck:
+    """Top-1 agreement and SQNR of one logits output (`compare` above): the fp32 logits within `atol + rtol *
+    max|logit|`, quantized files with top-1 agreement >= `min_agreement` when given. `output` names the logits among
+    several outputs; `labels` add accuracy; `data` says where the inputs came from (set by the exporter)."""
+
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+    min_agreement: float | None = None
+    labels: object = None
+    output: str | None = None
+    data: str | None = None
+    name: str = "classification"
+
+    def _pick(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        if self.output is not None:
+            if self.output not in outputs:
+                raise ValueError(f"ClassificationCheck(output={self.output!r}): the outputs are {list(outputs)}")
+            return outputs[self.output]
+        if len(outputs) != 1:
+            raise ValueError(f"a classification check compares one logits output; these are {list(outputs)}: name "
+                             "it with ClassificationCheck(output=...) or check every output with PerOutputCheck()")
+        return next(iter(outputs.values()))
+
+    def compare(self, reference, output, quantization: str) -> VerifyReport:
+        _same_names(reference, output)
+        fp32 = quantization == "fp32"
+        return compare(self._pick(reference), self._pick(output), quantization, data=self.data or "caller",
+                       atol=self.atol if fp32 else None, rtol=self.rtol,
+                       min_agreement=None if fp32 else self.min_agreement, labels=self.labels)
+
+    def with_float64(self, report: VerifyReport, reference, reference64, output) -> VerifyReport:
+        ref64 = np.asarray(self._pick(reference64), np.float64)
+        ref, out = (np.asarray(self._pick(d), np.float64).reshape(ref64.shape) for d in (reference, output))
+        return dataclasses.replace(report, jax_fp32_error=float(np.abs(ref - ref64).max()),
+                                   tflite_fp64_error=float(np.abs(out - ref64).max()))
+
+
+@dataclass(frozen=True)
+class OutputStats:
+    """One output compared: differences, the reference's scale, SQNR (dB) and the fp32 tolerance applied."""
+
+    shape: tuple[int, ...]
+    max_abs_diff: float
+    mean_abs_diff: float
+    reference_max_abs: float
+    sqnr_db: float
+    tolerance: float | None
+    jax_fp32_error: float | None = None  # max |JAX fp32 - JAX float64| (only when the tolerance is exceeded)
+    tflite_fp64_error: float | None = None
+
+    @property
+    def within_tolerance(self) -> bool:
+        if self.tolerance is None or self.max_abs_diff <= self.tolerance:
+            return True
+        return (self.jax_fp32_error is not None and self.tflite_fp64_error is not None
+                and self.tflite_fp64_error <= max(self.tolerance, FLOAT64_FACTOR * self.jax_fp32_error))
+
+
+@dataclass(frozen=True)
+class OutputsReport:
+    """`PerOutputCheck`'s report: every output's numbers, and what passing required."""
+
+    quantization: str
+    num_inputs: int
+    outputs: dict[str, OutputStats]
+    atol: float | None
+    rtol: float
+    min_sqnr_db: float | None
+    check: str = "per-output"
+
+    @property
+    def passed(self) -> bool:
+        return all(s.within_tolerance and (self.min_sqnr_db is None or s.sqnr_db >= self.min_sqnr_db)
+                   for s in self.outputs.values())
+
+    def summary(self) -> str:
+        need = []
+        if self.atol is not None:
+            need.append(f"max |diff| <= {self.atol:g} + {self.rtol:g} x max|ref|")
+        if self.min_sqnr_db is not None:
+            need.append(f"SQNR >= {self.min_sqnr_db:g} dB")
+        parts = []
+        for k, s in self.outputs.items():
+            part = (f"{k} {list(s.shape)}: max |diff| {s.max_abs_diff:.3g}"
+                    + (f" (tolerance {s.tolerance:.3g})" if s.tolerance is not None else "")
+                    + f", values up to {s.reference_max_abs:.3g}, SQNR {s.sqnr_db:.1f} dB")
+            if s.tflite_fp64_error is not None:
+                part += (f" (against float64 JAX: TFLite {s.tflite_fp64_error:.3g}, JAX fp32 itself "
+                         f"{s.jax_fp32_error:.3g})")
+            parts.append(part)
+        return (f"verified {len(self.outputs)} output(s) on {self.num_inputs} input(s) against JAX"
+                + (f" ({'; '.join(need)})" if need else "") + ": " + "; ".join(parts))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _stats(ref: np.ndarray, out: np.ndarray, tolerance) -> OutputStats:
+    diff = np.abs(ref - out)
+    noise = float(np.sum((ref - out) ** 2))
+    sqnr = float("inf") if noise == 0 else float(10 * np.log10(max(np.sum(ref ** 2), 1e-300) / noise))
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    tol = None if tolerance is None else tolerance[0] + tolerance[1] * scale
+    return OutputStats(tuple(ref.shape), float(diff.max()) if diff.size else 0.0,
+                       float(diff.mean()) if diff.size else 0.0, scale, sqnr, tol)
+
+
+@dataclass(frozen=True)
+class PerOutputCheck:
+    """Every output on its own: fp32 within `atol + rtol * max|output|` (the classification tolerance, with the same
+    float64 fallback); quantized files reported by SQNR, and held to `min_sqnr_db` when given."""
+
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+    min_sqnr_db: float | None = None
+    name: str = "per-output"
+
+    def compare(self, reference, output, quantization: str) -> OutputsReport:
+        _same_names(reference, output)
+        stats, n = {}, 0
+        for k in reference:
+            ref, out = np.asarray(reference[k], np.float64), np.asarray(output[k], np.float64)
+            if ref.shape != out.shape:
+                raise ExportParityError(f"exported model's output {k!r} has shape {out.shape}, JAX {ref.shape}")
+            if not np.all(np.isfinite(out)):
+                raise ExportParityError(f"exported model's output {k!r} has {int((~np.isfinite(out)).sum())} "
+                                        "non-finite values")
+            n = len(ref) if ref.ndim else 1
+            stats[k] = _stats(ref, out, (self.atol, self.rtol) if quantization == "fp32" else None)
+        return OutputsReport(quantization, n, stats, self.atol if quantization == "fp32" else None, self.rtol,
+                             None if quantization == "fp32" else self.min_sqnr_db, self.name)
+
+    def with_float64(self, report: OutputsReport, reference, reference64, output) -> OutputsReport:
+        def err(a, b):
+            return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+        stats = {k: dataclasses.replace(s, jax_fp32_error=err(reference[k], reference64[k]),
+                                        tflite_fp64_error=err(output[k], reference64[k]))
+                 for k, s in report.outputs.items()}
+        return dataclasses.replace(report, outputs=stats)

@@ -103,15 +103,15 @@ def test_params_as_constants_or_arguments_give_the_same_folded_graph(tmp_path):
 
 
 def test_parity_failure_raises_with_numbers_and_writes_nothing(small, tmp_path, monkeypatch):
-    import export.tflite as tfl
+    import export.parity as parity
 
-    real = tfl._run_exported
+    real = parity._run_exported
 
     def off_by(*a):  # an exported file whose logits are 0.01 off, while JAX fp32 itself is close to float64
         outputs, delegate = real(*a)
         return outputs + 0.01, delegate
 
-    monkeypatch.setattr(tfl, "_run_exported", off_by)
+    monkeypatch.setattr(parity, "_run_exported", off_by)
     with pytest.raises(ExportParityError, match=r"differs from JAX by up to 0\.01.*tolerance.*JAX fp32 itself") as e:
         _export(small, out=tmp_path / "m.tflite")
     report = e.value.report
@@ -273,7 +273,7 @@ def test_reference_logits_are_computed_once_per_model_and_inputs():
     changed in place) are computed afresh."""
     import jax
 
-    from export.tflite import _reference
+    from export.parity import _reference
     from planted import planted_nets
 
     module, clean, _, _, x = planted_nets()
