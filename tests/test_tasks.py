@@ -227,3 +227,18 @@ def test_the_loop_step_and_loader_never_name_a_task():
     for name in ("loop.py", "step.py", "data.py"):
         text = (ROOT / "train" / name).read_text()
         assert not re.search(r"Classification|label", text), name
+
+
+def test_the_task_adapts_a_loaded_model_and_unknown_kinds_are_named():
+    base = tiny_model(num_classes=10)
+    small = tiny_model(num_classes=4, seed=1)
+    variables = train.Classification(4).adapt(small.module, base, small.cfg)
+    assert variables["params"]["head"]["kernel"].shape == (16, 4) and not np.any(variables["params"]["head"]["kernel"])
+    np.testing.assert_array_equal(variables["params"]["stem"]["kernel"], base.variables["params"]["stem"]["kernel"])
+    with pytest.raises(ValueError, match=r"do not fit.*head/kernel \(16, 10\) vs \(16, 4\)"):
+        Spots(4).adapt(small.module, base, small.cfg)  # a task without a classifier to reset
+    with pytest.raises(train.ConfigError, match="task.kind: unknown task kind 'detector'; registered kinds: "
+                                                "classification"):
+        train.apply_overrides(train.TrainConfig(), ["task.kind=detector"])
+    with pytest.raises(train.ConfigError, match=r"unknown config key 'task.max_boxes'.*task.kind=classification"):
+        train.apply_overrides(train.TrainConfig(), ["task.max_boxes=3"])

@@ -103,7 +103,7 @@ def _cmd_eval(args) -> int:
     import zoo
     from train.checkpoint import CheckpointError, Checkpoints
     from train.config import from_dict
-    from train.loop import build_task, evaluate, load_run, open_data
+    from train.loop import evaluate, load_run, open_data, task_of
 
     split = args.split
     try:
@@ -121,7 +121,7 @@ def _cmd_eval(args) -> int:
                 _, data = open_data(cfg)
                 if data is None:
                     raise ValueError(f"the run in {args.workdir} has no evaluation split; pass --data and --split")
-            kw = dict(class_names=meta.get("class_names") or None, task=build_task(cfg, model.cfg.num_classes),
+            kw = dict(class_names=meta.get("class_names") or None, task=task_of(cfg, model.cfg.num_classes),
                       batch_size=args.batch_size or cfg.data.eval_batch_size or cfg.data.batch_size,
                       image_size=args.image_size, crop_pct=args.crop_pct or cfg.data.eval_crop_pct,
                       gray_to_rgb=args.gray_to_rgb or cfg.data.gray_to_rgb)

@@ -20,7 +20,8 @@ from PIL import Image
 
 
 class DataError(ValueError):
-    """Data that cannot be trained on: empty, with targets the task cannot use, or not matching the model. Raised before training."""
+    """Data that cannot be trained on: empty, with targets the task cannot use, or not matching the model. Raised
+    before training."""
 
 
 # ---- sources -----------------------------------------------------------------------------------------------------

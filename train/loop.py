@@ -35,7 +35,9 @@ from train.step import jit_eval_step, jit_train_step, make_eval_step, make_train
 from train.summary import MetricsLog, Progress, TensorBoardWriter, plot_curves, read_metrics
 from train.sources import as_source, has_split, open_source
 from train.sources import open_data as _open_sources
-from train.tasks import Task, build_task as _build_task
+from train.tasks import Task
+from train.tasks import build_task as _build_task
+from train.tasks import task_config_class
 from train.transforms import Transform
 from zoo.config import ModelCfg
 from zoo.layers.conv import depthwise_impl
@@ -126,12 +128,13 @@ def build_model(cfg: TrainConfig, num_classes: int, task: Task) -> zoo.Model:
                     in_chans=m.in_chans, weights=m.weights, seed=cfg.seed, progress=cfg.progress, **overrides)
 
 
-def build_task(cfg: TrainConfig, num_classes: int) -> Task:
+def task_of(cfg: TrainConfig, num_classes: int) -> Task:
     """The task `cfg.task` describes (its `kind` picks the registered task class)."""
     try:
-        return _build_task(cfg.task, num_classes=num_classes)
+        task_config_class(cfg.task.kind)
     except ValueError as e:
         raise ConfigError(f"task.kind: {e}") from None
+    return _build_task(cfg.task, num_classes=num_classes)
 
 
 def with_distillation(task: Task, cfg: TrainConfig, student: zoo.Model) -> Task:
@@ -153,7 +156,7 @@ def load_teacher(spec: str, num_classes: int | None = None, progress: bool = Tru
 
 def transforms(cfg: TrainConfig, model_cfg: ModelCfg) -> tuple[Transform, Transform]:
     """(train, eval) transforms of the run's task; `eval_tf(image, None)` also preprocesses a bare image."""
-    return build_task(cfg, model_cfg.num_classes).transforms(cfg.data, model_cfg)
+    return task_of(cfg, model_cfg.num_classes).transforms(cfg.data, model_cfg)
 
 
 def model_meta(model: zoo.Model, cfg: TrainConfig) -> dict:
@@ -199,7 +202,7 @@ class Trainer:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} must split into optim.accum_steps="
                               f"{cfg.optim.accum_steps} micro-batches across {self.mesh.devices.size} devices")
 
-        base_task = task or build_task(cfg, num_classes)
+        base_task = task or task_of(cfg, num_classes)
         self.model = model or build_model(cfg, num_classes, base_task)
         if cfg.data.image_size:
             self.model = dataclasses.replace(self.model, cfg=self.model.cfg.replace(
@@ -442,9 +445,10 @@ def fit(cfg: TrainConfig, *, model: zoo.Model | None = None, train_data=None, ev
         task: Task | None = None, hooks: Sequence = (), compression: dict | None = None) -> TrainResult:
     """Train as `cfg` says; resumes from the workdir's last checkpoint when there is one.
 
-    `train_data` / `eval_data`: a `Source` or an `(images uint8, targets)` pair instead of `cfg.data.source`;
-    `model`: a `zoo.Model` instead of `cfg.model`; `task`: a `Task` instead of the one `cfg.task` describes; `hooks`: compression hooks
-    `(params, compression) -> (params, compression)` run after each update, with `compression` their initial state.
+    `train_data` / `eval_data`: a `Source` or an `(images uint8, class ids)` pair (an `ArraySource`) instead of
+    `cfg.data.source`; `model`: a `zoo.Model` instead of `cfg.model`; `task`: a `Task` instead of the one `cfg.task`
+    describes; `hooks`: compression hooks `(params, compression) -> (params, compression)` run after each update, with
+    `compression` their initial state.
     """
     return Trainer(cfg, model=model, train_data=train_data, eval_data=eval_data, task=task, hooks=hooks,
                    compression=compression).run()
@@ -510,7 +514,7 @@ def load_run(workdir: str | Path, *, which: str = "best", ema: bool = True, mode
 def evaluate(model: zoo.Model, data, *, split: str = "test", batch_size: int = 64, image_size: int | None = None,
              crop_pct: float | None = None, gray_to_rgb: bool = False, task: Task | None = None,
              class_names: Sequence[str] | None = None, workers: int = 2) -> dict:
-    """Metrics of `model` on `data` (a Source, an (images, targets) pair, or a source spec with `split`) under `task`
+    """Metrics of `model` on `data` (a Source, an (images, class ids) pair, or a source spec with `split`) under `task`
     (default: the default config's task kind for the model's classes).
 
     For folders, `class_names` (in training order) maps subfolders to classes; by default the classes of a sibling
@@ -525,7 +529,7 @@ def evaluate(model: zoo.Model, data, *, split: str = "test", batch_size: int = 6
     cfg = TrainConfig()
     cfg.data.gray_to_rgb, cfg.data.eval_crop_pct = gray_to_rgb, crop_pct
     mcfg = model.cfg.replace(input_size=(image_size, image_size)) if image_size else model.cfg
-    task = task or build_task(cfg, mcfg.num_classes)
+    task = task or task_of(cfg, mcfg.num_classes)
     task.validate(source, mcfg, gray_to_rgb=gray_to_rgb, what="evaluation")
     _, eval_tf = task.transforms(cfg.data, mcfg)
     mesh = parallel.make_mesh()
