@@ -183,3 +183,47 @@ def test_weights_file_layout_is_recognized_whatever_the_tag(tmp_path):
     by_file = zoo.load("tf_efficientnet_lite0.in1k", weights=str(package))
     by_tag = zoo.load("tf_efficientnet_lite0.in1k_pkg")
     np.testing.assert_array_equal(np.asarray(by_file(x)), np.asarray(by_tag(x)))
+
+
+def test_classifier_weights_load_into_a_task_model_backbone(tmp_path, twin_file):
+    """The backbone dict's `pre_logits` is timm's `forward_head(pre_logits=True)`; a `TaskModel` over the classifier
+    (no classes) keeps its parameter names, so the classifier's weights fill it and its features are the classifier's."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from zoo.layers.conv import Conv2d
+    from zoo.models.heads import ClassifierHead, TaskModel
+
+    class MapHead(nn.Module):
+        @nn.compact
+        def __call__(self, feats, train=False):
+            return Conv2d(3, 1, use_bias=True, name="conv")(feats["stages_1"])
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(twin_file[0])
+    base = zoo.load(NAME, weights=str(path))
+    x = random_images(2, (64, 64))
+    feats = base(x, features=True)
+    with torch.no_grad():
+        twin = twin_file[1].eval()
+        pooled = twin.forward_head(twin.forward_features(torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)),
+                                   pre_logits=True).numpy()
+    np.testing.assert_allclose(feats["pre_logits"], pooled, atol=1e-4)
+
+    model = TaskModel(base.module.clone(num_classes=0), (("seg", MapHead()), ("cls", ClassifierHead(4))))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(x))
+    params = {k: v for k, v in base.variables["params"].items()}
+    params["head"] = {k: v for k, v in params["head"].items() if k != "fc"}
+    assert set(shapes["params"]) == set(params) | {"seg", "cls"}
+    assert jax.tree_util.tree_structure(shapes["params"]["head"]) == jax.tree_util.tree_structure(params["head"])
+    head_params = {k: jax.tree_util.tree_map(lambda s: jnp.full(s.shape, 0.01), shapes["params"][k])
+                   for k in ("seg", "cls")}
+    variables = {"params": {**params, **head_params}, "batch_stats": base.variables["batch_stats"]}
+    out, ours = jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, features=True)))(variables, x)
+    assert out["seg"].shape == (2, 8, 8, 3) and out["cls"].shape == (2, 4)
+    assert set(ours) == {f.name for f in base.cfg.feature_info} | {"pre_logits"}
+    for name in ours:
+        np.testing.assert_allclose(ours[name], feats[name], atol=1e-5)
+    with pytest.raises(ValueError, match="distinct names"):
+        TaskModel(base.module, (("cls", ClassifierHead(4)), ("cls", ClassifierHead(4)))).init(jax.random.key(0), x)
