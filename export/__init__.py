@@ -8,6 +8,9 @@
     export.predict_tflite("lite0_int8.tflite", "cat.jpg")  # classify with the sidecar's preprocessing and labels
     export.benchmark_tflite("lite0_int8.tflite", threads=(1, 2))
 
+Models returning a dict export named outputs; `to_tflite(signatures={...})` puts several functions in one file, and
+`check=` (an `export.verify.OutputCheck`) says how a task's outputs are verified.
+
 TensorFlow is imported only by `to_tflite`; running and timing exported models needs only `ai-edge-litert`.
 """
 
@@ -20,10 +23,11 @@ from export.ptq import quantize as quantize_ptq
 from export.runtime import LiteRTRunner
 from export.sparsity_tflite import check_tflite_n_m, tflite_kernels
 from export.tflite import QUANTIZATIONS, ExportResult, to_tflite
-from export.verify import VerifyReport
+from export.verify import ClassificationCheck, OutputCheck, PerOutputCheck, VerifyReport
 
 __all__ = [
     "ExportError", "ExportParityError", "UnsupportedOpsError", "ExportResult", "OpsReport", "VerifyReport",
     "LiteRTRunner", "QUANTIZATIONS", "analyze", "benchmark_jax", "benchmark_tflite", "check_tflite_n_m",
-    "compare_tflite", "predict_tflite", "quantize_ptq", "tflite_kernels", "to_tflite",
+    "compare_tflite", "predict_tflite", "quantize_ptq", "tflite_kernels", "to_tflite", "OutputCheck",
+    "ClassificationCheck", "PerOutputCheck",
 ]

@@ -447,8 +447,8 @@ def to_tflite(
     file_signatures = sigs.read(content)
     result = verified.reports[first]
 
-    meta = metadata.build(name=name, cfg=cfg, labels=labels, quantization=q, int8_io=int8_io, batch=shape[0],
-                          input_hw=hw, ops=report, verification=result, content=content,
+    meta = metadata.build(name=name, cfg=cfg, labels=labels, quantization=q, int8_io=int8_io,
+                          batch=functions[first].batch, input_hw=hw, ops=report, verification=result, content=content,
                           versions=_versions(stablehlo_versions()["target"]),
                           calibration=_calibration_name(calibration) if q == "int8" else None,
                           bias_correction=corrected, equalization=equalized, int8_keep_float=keep,

@@ -1,4 +1,4 @@
-"""JAX -> TensorFlow: a linen module and its variables as a TF concrete function, via jax2tf native serialization.
+"""JAX -> TensorFlow: functions of a model's variables as TF concrete functions, via jax2tf native serialization.
 
 The one place that calls jax2tf. Choices made here, for every export:
 - depthwise convolutions are traced as native grouped convolutions (`depthwise_impl("native")`), which the
@@ -80,24 +80,6 @@ def stablehlo_target(version: str) -> Iterator[None]:
         yield
     finally:
         _export._module_to_bytecode = original
-
-
-def trace_concrete_function(
-    apply_fn: Callable,
-    variables,
-    input_shape: tuple[int, ...],
-    *,
-    activations: Mapping[str, Callable] | None = None,
-    params: str = "constants",
-):
-    """`apply_fn(variables, x)` as a TF concrete function of one float32 input "images" of `input_shape`.
-
-    Returns `(holder, concrete_fn)`: the tf.Module that owns the function (and, with `params="arguments"`, the
-    variables) - the converter takes it as the trackable object - and the concrete function.
-    """
-    holder, (concrete,) = trace_functions({"serve": (apply_fn, {"images": tuple(input_shape)})}, variables,
-                                          activations=activations, params=params)
-    return holder, concrete
 
 
 def trace_functions(
