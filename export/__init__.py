@@ -23,11 +23,11 @@ from export.ptq import quantize as quantize_ptq
 from export.runtime import LiteRTRunner
 from export.sparsity_tflite import check_tflite_n_m, tflite_kernels
 from export.tflite import QUANTIZATIONS, ExportResult, to_tflite
-from export.verify import ClassificationCheck, OutputCheck, PerOutputCheck, VerifyReport
+from export.verify import ClassificationCheck, OutputCheck, PerOutputCheck, SegmentationCheck, VerifyReport
 
 __all__ = [
     "ExportError", "ExportParityError", "UnsupportedOpsError", "ExportResult", "OpsReport", "VerifyReport",
     "LiteRTRunner", "QUANTIZATIONS", "analyze", "benchmark_jax", "benchmark_tflite", "check_tflite_n_m",
     "compare_tflite", "predict_tflite", "quantize_ptq", "tflite_kernels", "to_tflite", "OutputCheck",
-    "ClassificationCheck", "PerOutputCheck",
+    "ClassificationCheck", "PerOutputCheck", "SegmentationCheck",
 ]

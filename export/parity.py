@@ -142,6 +142,11 @@ def resolve_checks(check, names: dict[str, tuple[str, ...] | None], sources: dic
             raise TypeError(f"check for {key!r} is a {type(c).__name__}; give an export.verify.OutputCheck: an "
                             "object with a name and compare(reference, output, quantization) -> report")
         if isinstance(c, verify.ClassificationCheck):
+            picked = c.output if c.output is not None else (outputs[0] if outputs and len(outputs) == 1 else None)
+            if outputs is not None and picked not in outputs:  # said now, not after minutes of converting
+                raise ValueError(f"signature {key!r} has outputs {list(outputs)}: a ClassificationCheck compares one "
+                                 "logits output; name it with ClassificationCheck(output=...) or check every output "
+                                 "with PerOutputCheck()")
             if c.data is None:
                 c = dataclasses.replace(c, data=sources[key])
             if c.labels is not None and len(np.asarray(c.labels).reshape(-1)) != counts[key]:

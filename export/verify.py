@@ -16,9 +16,10 @@ both models' accuracy is reported too.
 
 What is checked is the task's choice (`OutputCheck`): `compare(reference, output, quantization)` gets both models'
 outputs of one signature as dicts by output name and returns a report with `passed`, `summary()` and `as_dict()`.
-`ClassificationCheck` (the above; the default for files whose signatures have one output) and `PerOutputCheck`
-(every output on its own: the fp32 tolerance above, SQNR for quantized files; the default for several outputs) are
-the two here; a task passes its own to `export.to_tflite(check=...)`.
+`ClassificationCheck` (the above; the default for files whose signatures have one output), `PerOutputCheck` (every
+output on its own: the fp32 tolerance above, SQNR for quantized files; the default for several outputs) and
+`SegmentationCheck` (per-pixel agreement and mIoU of the argmax labelling) are the ones here; a task passes one, or
+its own, to `export.to_tflite(check=...)`.
 """
 
 from __future__ import annotations
@@ -310,10 +311,88 @@ class PerOutputCheck:
                              None if quantization == "fp32" else self.min_sqnr_db, self.name)
 
     def with_float64(self, report: OutputsReport, reference, reference64, output) -> OutputsReport:
-        def err(a, b):
-            return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-
-        stats = {k: dataclasses.replace(s, jax_fp32_error=err(reference[k], reference64[k]),
-                                        tflite_fp64_error=err(output[k], reference64[k]))
-                 for k, s in report.outputs.items()}
+        stats = {k: _with_float64(s, k, reference, reference64, output) for k, s in report.outputs.items()}
         return dataclasses.replace(report, outputs=stats)
+
+
+def _with_float64(stats: OutputStats, key: str, reference, reference64, output) -> OutputStats:
+    def err(a, b):
+        return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+    return dataclasses.replace(stats, jax_fp32_error=err(reference[key], reference64[key]),
+                               tflite_fp64_error=err(output[key], reference64[key]))
+
+
+@dataclass(frozen=True)
+class SegmentationReport:
+    """`SegmentationCheck`'s report: how the file's per-pixel labelling matches JAX's, and the logits' numbers."""
+
+    quantization: str
+    num_inputs: int
+    output: str
+    pixel_agreement: float  # fraction of pixels whose argmax class is the same
+    miou: float  # mean over classes either model predicts of the IoU of their pixel sets (1.0: the same labelling)
+    logits: OutputStats
+    min_pixel_agreement: float | None
+    min_miou: float | None
+    check: str = "segmentation"
+
+    @property
+    def passed(self) -> bool:
+        return (self.logits.within_tolerance
+                and (self.min_pixel_agreement is None or self.pixel_agreement >= self.min_pixel_agreement)
+                and (self.min_miou is None or self.miou >= self.min_miou))
+
+    def summary(self) -> str:
+        need = [f"{k} >= {v:g}" for k, v in (("pixel agreement", self.min_pixel_agreement),
+                                             ("mIoU", self.min_miou)) if v is not None]
+        s = self.logits
+        return (f"verified {self.output} on {self.num_inputs} input(s) against JAX: pixel agreement "
+                f"{self.pixel_agreement:.2%}, mIoU {self.miou:.3f}" + (f" (required {', '.join(need)})" if need else "")
+                + f"; max |diff| {s.max_abs_diff:.3g}" + (f" (tolerance {s.tolerance:.3g})" if s.tolerance is not None else "")
+                + f", SQNR {s.sqnr_db:.1f} dB")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def mean_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean IoU of two integer labellings of the same pixels, over the classes that either uses."""
+    classes = np.union1d(np.unique(a), np.unique(b))
+    ious = [np.sum((a == c) & (b == c)) / np.sum((a == c) | (b == c)) for c in classes]
+    return float(np.mean(ious)) if ious else 1.0
+
+
+@dataclass(frozen=True)
+class SegmentationCheck:
+    """Per-pixel logits (classes on the last axis): the file's labelling (argmax) against JAX's by pixel agreement and
+    mean IoU, held to `min_pixel_agreement` / `min_miou` when given; fp32 logits also within `atol + rtol * max|logit|`.
+    `output` names the logits among several outputs."""
+
+    min_pixel_agreement: float | None = None
+    min_miou: float | None = None
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+    output: str | None = None
+    name: str = "segmentation"
+
+    def compare(self, reference, output, quantization: str) -> SegmentationReport:
+        _same_names(reference, output)
+        key = self.output if self.output is not None else next(iter(reference))
+        if key not in reference or (self.output is None and len(reference) != 1):
+            raise ValueError(f"a segmentation check compares one per-pixel logits output; the outputs are "
+                             f"{list(reference)}: name it with SegmentationCheck(output=...)")
+        ref, out = np.asarray(reference[key], np.float64), np.asarray(output[key], np.float64)
+        if ref.shape != out.shape or ref.ndim < 3:
+            raise ExportParityError(f"output {key!r}: exported shape {out.shape}, JAX {ref.shape}; a segmentation "
+                                    "check needs (N, ..., classes) logits of one shape")
+        if not np.all(np.isfinite(out)):
+            raise ExportParityError(f"output {key!r} has {int((~np.isfinite(out)).sum())} non-finite values")
+        a, b = ref.argmax(-1), out.argmax(-1)
+        stats = _stats(ref, out, (self.atol, self.rtol) if quantization == "fp32" else None)
+        return SegmentationReport(quantization, len(ref), key, float(np.mean(a == b)), mean_iou(a, b), stats,
+                                  self.min_pixel_agreement, self.min_miou, self.name)
+
+    def with_float64(self, report: SegmentationReport, reference, reference64, output) -> SegmentationReport:
+        return dataclasses.replace(report, logits=_with_float64(report.logits, report.output, reference, reference64,
+                                                                output))

@@ -17,7 +17,7 @@ import pytest
 from export import ExportParityError, LiteRTRunner, to_tflite
 from export import parity
 from export.metadata import read as read_metadata
-from export.verify import ClassificationCheck, OutputsReport, PerOutputCheck
+from export.verify import ClassificationCheck, OutputsReport, PerOutputCheck, SegmentationCheck, mean_iou
 from zoo.layers.conv import Conv2d
 
 
@@ -212,6 +212,27 @@ def test_the_task_supplies_the_check(heads, tmp_path):
     assert _files(tmp_path) == []
     with pytest.raises(TypeError, match="OutputCheck"):
         to_tflite(module, variables, input_hw=(16, 16), check=lambda r, o, q: True, progress=False)
+    with pytest.raises(ValueError, match=r"outputs \['boxes', 'scores'\]: a ClassificationCheck compares one"):
+        to_tflite(module, variables, input_hw=(16, 16), check=ClassificationCheck(), out=out, progress=False)
+    assert _files(tmp_path) == []
+
+
+def test_segmentation_check_on_per_pixel_logits(heads, tmp_path):
+    """The boxes output read as 4-class per-pixel logits: the file labels the pixels as JAX does."""
+    module, variables = heads
+    res = to_tflite(module, variables, input_hw=(16, 16), quantization="fp16", out=tmp_path / "seg.tflite",
+                    check=SegmentationCheck(output="boxes", min_pixel_agreement=0.9), progress=False)
+    v = res.verification
+    assert v.output == "boxes" and v.pixel_agreement >= 0.9 and 0.8 <= v.miou <= 1.0 and v.logits.tolerance is None
+    assert read_metadata(tmp_path / "seg.tflite")["check"] == "segmentation"
+    # the numbers: 2 of 4 pixels relabelled
+    a = np.zeros((1, 2, 2, 3))
+    a[..., 0] = 1.0
+    b = a.copy()
+    b[0, 0, :, 2] = 2.0
+    report = SegmentationCheck(min_miou=0.6).compare({"y": a}, {"y": b}, "int8")
+    assert report.pixel_agreement == 0.5 and report.miou == pytest.approx(0.25) and not report.passed
+    assert mean_iou(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])) == pytest.approx((1 / 2 + 2 / 3) / 2)
 
 
 class Returns(nn.Module):
