@@ -105,7 +105,7 @@ def test_two_outputs_export_int8_calibrated_on_one_input(heads, tmp_path):
                     representative_data=_rand((16, 16, 16, 3), seed=2), out=out, progress=False)
     v = res.verification
     assert v.quantization == "int8" and list(v.outputs) == ["boxes", "scores"] and v.atol is None
-    assert all(s.sqnr_db > 15 for s in v.outputs.values())  # quantized, yet the same function
+    assert all(s.sqnr_db > 25 for s in v.outputs.values())  # quantized (35-44 dB here), the same function
     assert all(t.dtype == "INT8" and t.scale > 0 for t in res.signatures["serving_default"]["outputs"])
     got = LiteRTRunner(out).run(_rand((2, 16, 16, 3), seed=3))  # int8 tensors in and out, floats for the caller
     want = module.apply(variables, _rand((2, 16, 16, 3), seed=3))
@@ -152,6 +152,19 @@ def test_two_signatures_in_one_file_run_and_verified_each(tmp_path, monkeypatch)
     assert _files(bad) == []
 
 
+def test_one_named_signature_keeps_its_name():
+    """The converter calls a lone signature serving_default; the file says what the caller named it."""
+    module = Cascade()
+    variables = _init(module, (1, 32, 32, 3))
+    res = to_tflite(module, variables, signatures={"stage_0": SIGNATURES["stage_0"]}, progress=False)
+    assert list(res.signatures) == ["stage_0"] and set(res.outputs) == {"features", "logits"}
+    runner = LiteRTRunner(res.content)
+    assert runner.signature == "stage_0" and list(runner.signatures()) == ["stage_0"]
+    x = _rand((2, 32, 32, 3), seed=6)
+    np.testing.assert_allclose(runner.run(x)["logits"], module.apply(variables, x, method="stage0")["logits"],
+                               atol=1e-4)
+
+
 def test_two_signatures_int8_each_calibrated_on_its_own_inputs():
     module = Cascade()
     variables = _init(module, (1, 32, 32, 3))
@@ -164,7 +177,7 @@ def test_two_signatures_int8_each_calibrated_on_its_own_inputs():
                     representative_data={"stage_0": x, "stage_1": {"features": features}}, progress=False)
     assert {k: s["data"] for k, s in res.metadata["signatures"].items()} == {"stage_0": "calibration",
                                                                                "stage_1": "calibration"}
-    assert all(s.sqnr_db > 15 for r in res.verifications.values() for s in r.outputs.values())
+    assert all(s.sqnr_db > 25 for r in res.verifications.values() for s in r.outputs.values())
     got = LiteRTRunner(res.content, signature="stage_1").run({"features": features})
     assert got["logits"].shape == (8, 5)
 
@@ -223,7 +236,7 @@ def test_segmentation_check_on_per_pixel_logits(heads, tmp_path):
     res = to_tflite(module, variables, input_hw=(16, 16), quantization="fp16", out=tmp_path / "seg.tflite",
                     check=SegmentationCheck(output="boxes", min_pixel_agreement=0.9), progress=False)
     v = res.verification
-    assert v.output == "boxes" and v.pixel_agreement >= 0.9 and 0.8 <= v.miou <= 1.0 and v.logits.tolerance is None
+    assert v.output == "boxes" and v.pixel_agreement >= 0.9 and 0.9 <= v.miou <= 1.0 and v.logits.tolerance is None
     assert read_metadata(tmp_path / "seg.tflite")["check"] == "segmentation"
     # the numbers: 2 of 4 pixels relabelled
     a = np.zeros((1, 2, 2, 3))
