@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 _QUANT_TYPES = ("INT8", "UINT8", "INT16", "INT4")
+# Custom ops whose kernels LiteRT's builtin op resolver registers itself: they run on a stock runtime, so they count
+# as builtin (SSD-style detection heads end in this one).
+LITERT_CUSTOM_BUILTINS = frozenset({"TFLite_Detection_PostProcess"})
 
 
 def _schema():
@@ -47,7 +50,7 @@ class TensorInfo:
 class OpsReport:
     ops: dict[str, int]  # op name (CUSTOM ops by their custom code) -> count, in order of first appearance
     flex_ops: dict[str, int]
-    custom_ops: dict[str, int]  # custom ops other than Flex
+    custom_ops: dict[str, int]  # custom ops other than Flex and LITERT_CUSTOM_BUILTINS
     stablehlo_ops: dict[str, int]  # STABLEHLO_* builtins: no CPU interpreter kernel runs them
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
@@ -164,7 +167,8 @@ def analyze(content: bytes) -> OpsReport:
     outputs = io(g0.OutputsAsNumpy()) if g0 is not None and g0.OutputsLength() else ()
     flex = {k: v for k, v in ops.items() if k.startswith("Flex")}
     stablehlo = {k: v for k, v in ops.items() if k.startswith("STABLEHLO_")}
-    custom = {k: v for k, v in ops.items() if k not in flex and k not in stablehlo and k not in op_names.values()}
+    custom = {k: v for k, v in ops.items() if k not in flex and k not in stablehlo and k not in op_names.values()
+              and k not in LITERT_CUSTOM_BUILTINS}
     return OpsReport(dict(ops), flex, custom, stablehlo, inputs, outputs, model.SubgraphsLength(), int(weight_bytes),
                      quantized_acts, tuple(islands), dict(out_types))
 

@@ -287,3 +287,30 @@ def test_per_output_check_numbers():
     assert quant.passed and quant.outputs["b"].sqnr_db == pytest.approx(80.0, abs=0.1)
     with pytest.raises(ExportParityError, match="returns outputs"):
         PerOutputCheck().compare(ref, {"a": out["a"]}, "fp32")
+
+
+def test_litert_detection_postprocess_counts_as_builtin(heads):
+    """A custom op that LiteRT's own resolver runs (SSD post-processing) is not an unsupported custom op; others are."""
+    import flatbuffers
+
+    from export import ops_report
+
+    module, variables = heads
+    content = to_tflite(module, variables, input_hw=(16, 16), progress=False).content
+    s = ops_report._schema()
+
+    def with_custom(code: bytes) -> bytes:
+        model = s.ModelT.InitFromObj(s.Model.GetRootAs(content, 0))
+        oc = s.OperatorCodeT()
+        oc.builtinCode = oc.deprecatedBuiltinCode = s.BuiltinOperator.CUSTOM
+        oc.customCode = code
+        model.operatorCodes.append(oc)
+        model.subgraphs[0].operators[-1].opcodeIndex = len(model.operatorCodes) - 1
+        builder = flatbuffers.Builder(len(content) + 1024)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        return bytes(builder.Output())
+
+    post = ops_report.analyze(with_custom(b"TFLite_Detection_PostProcess"))
+    assert post.ops["TFLite_Detection_PostProcess"] == 1 and not post.custom_ops and not post.unsupported
+    other = ops_report.analyze(with_custom(b"MyNms"))
+    assert other.custom_ops == {"MyNms": 1} and other.unsupported == {"MyNms": 1}
