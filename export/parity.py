@@ -138,17 +138,26 @@ def resolve_checks(check, names: dict[str, tuple[str, ...] | None], sources: dic
             single = outputs is None or len(outputs) == 1
             c = (verify.ClassificationCheck(atol, rtol, min_agreement, labels) if single
                  else verify.PerOutputCheck(atol, rtol))
+        if labels is not None and not isinstance(c, verify.ClassificationCheck):
+            raise ValueError(f"verify_labels are read by a ClassificationCheck; signature {key!r} is checked by "
+                             f"{getattr(c, 'name', type(c).__name__)!r}: drop them or pass "
+                             "check=ClassificationCheck(output=..., labels=...)")
         if not isinstance(c, verify.OutputCheck):
             raise TypeError(f"check for {key!r} is a {type(c).__name__}; give an export.verify.OutputCheck: an "
                             "object with a name and compare(reference, output, quantization) -> report")
         if isinstance(c, verify.ClassificationCheck):
             picked = c.output if c.output is not None else (outputs[0] if outputs and len(outputs) == 1 else None)
+            if outputs is None and c.output is not None:
+                raise ValueError(f"signature {key!r} returns one array; ClassificationCheck(output={c.output!r}) "
+                                 "names one of a dict's outputs: drop output=")
             if outputs is not None and picked not in outputs:  # said now, not after minutes of converting
                 raise ValueError(f"signature {key!r} has outputs {list(outputs)}: a ClassificationCheck compares one "
                                  "logits output; name it with ClassificationCheck(output=...) or check every output "
                                  "with PerOutputCheck()")
             if c.data is None:
                 c = dataclasses.replace(c, data=sources[key])
+            if c.labels is None and labels is not None:
+                c = dataclasses.replace(c, labels=labels)
             if c.labels is not None and len(np.asarray(c.labels).reshape(-1)) != counts[key]:
                 raise ValueError(f"verify_labels has {len(np.asarray(c.labels).reshape(-1))} labels for "
                                  f"{counts[key]} verify_data inputs")

@@ -227,6 +227,8 @@ def test_the_task_supplies_the_check(heads, tmp_path):
         to_tflite(module, variables, input_hw=(16, 16), check=lambda r, o, q: True, progress=False)
     with pytest.raises(ValueError, match=r"outputs \['boxes', 'scores'\]: a ClassificationCheck compares one"):
         to_tflite(module, variables, input_hw=(16, 16), check=ClassificationCheck(), out=out, progress=False)
+    with pytest.raises(ValueError, match="verify_labels are read by a ClassificationCheck"):
+        to_tflite(module, variables, input_hw=(16, 16), verify_labels=np.zeros(8, int), out=out, progress=False)
     assert _files(tmp_path) == []
 
 
