@@ -11,12 +11,6 @@ from __future__ import annotations
 
 import os
 
-# The reference implementations load before anything imports TensorFlow (the export tests): importing torchvision
-# after tensorflow segfaults in triton's extension (torch 2.14.1 + tensorflow 2.21 in one process).
-import timm  # noqa: F401
-import torch  # noqa: F401
-import torchvision  # noqa: F401
-
 import numpy as np
 import pytest
 
@@ -32,9 +26,23 @@ LITE0_DIGITS_FILES = ("test_prune.py", "test_qat.py", "test_train_recipe.py")
 LONGEST_FIRST = ("test_export_models.py", *LITE0_DIGITS_FILES, "test_parity.py", "test_export.py")
 
 
+# Only the tests of these tiers use torch (the reference implementations; `reference.torch` imports it on first use).
+TORCH_TIERS = ("parity", "reference")
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` deselection: the items that will run
+def pytest_collection_finish(session):
+    # When tests that use torch will run, load it before any test imports TensorFlow (the export tests): importing
+    # torchvision after tensorflow segfaults in triton's extension (torch 2.14.1 + tensorflow 2.21 in one process).
+    if any(tier in item.keywords for item in session.items for tier in TORCH_TIERS):
+        import timm  # noqa: F401
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
 
 
 def pytest_xdist_make_scheduler(config, log):

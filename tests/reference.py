@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import csv
 import functools
+import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from export import weights
+
+class LazyModule:
+    """A module imported on first attribute access: test files name `torch` at the top, yet only the tests that use
+    it (the `parity` and `reference` tiers) import it."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+torch = LazyModule("torch")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 

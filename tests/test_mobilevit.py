@@ -1,15 +1,21 @@
 """MobileViT: patch unfold/fold order, timm's bilinear resize of odd-sized maps, and logits against timm."""
 
+from __future__ import annotations
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from flax import traverse_util
 
 import zoo.models.mobilevit as mv
+from zoo.layers.patches import fold, resize_bilinear, unfold
 from zoo.convert import convert_state_dict, flatten_variables
+
+from reference import LazyModule, torch
+
+F = LazyModule("torch.nn.functional")
+pytestmark = pytest.mark.reference  # against torch's own ops and timm
 
 
 def _timm_unfold(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -21,16 +27,16 @@ def _timm_unfold(x: torch.Tensor, p: int) -> torch.Tensor:
 
 def test_unfold_order_and_fold_inverse():
     x = np.random.RandomState(0).randn(2, 6, 10, 5).astype(np.float32)  # NHWC, 3x5 patches of 2x2
-    seq = np.asarray(mv.unfold(jnp.asarray(x), 2))
+    seq = np.asarray(unfold(jnp.asarray(x), 2))
     ref = _timm_unfold(torch.from_numpy(x.transpose(0, 3, 1, 2)), 2).numpy()
     np.testing.assert_array_equal(seq, ref)
-    np.testing.assert_array_equal(np.asarray(mv.fold(jnp.asarray(seq), 2, (6, 10), 2)), x)
+    np.testing.assert_array_equal(np.asarray(fold(jnp.asarray(seq), 2, (6, 10), 2)), x)
 
 
 @pytest.mark.parametrize("src,dst", [((7, 5), (8, 6)), ((8, 6), (7, 5)), ((3, 13), (4, 14))])
 def test_resize_matches_torch_bilinear(src, dst):
     x = np.random.RandomState(1).randn(2, *src, 3).astype(np.float32)
-    got = np.asarray(mv.resize_bilinear(jnp.asarray(x), dst))
+    got = np.asarray(resize_bilinear(jnp.asarray(x), dst))
     ref = F.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), size=dst, mode="bilinear", align_corners=False)
     np.testing.assert_allclose(got, ref.numpy().transpose(0, 2, 3, 1), atol=1e-5)
 

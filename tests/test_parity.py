@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import zoo
 from zoo.registry import get_entry
 
-from reference import calibrate_batchnorm, perturb_batchnorm, random_images, scale_classifier_to_trained_spread, twin_model
+from reference import (calibrate_batchnorm, perturb_batchnorm, random_images, scale_classifier_to_trained_spread, torch,
+                       twin_model)
 
 PARITY = [n for n in zoo.list_models() if get_entry(n).cfg.twin]
 

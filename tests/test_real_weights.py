@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import zoo
 from zoo.weights.package_source import package_file
 from zoo.weights.torch_reader import load_state_dict
 
-from reference import twin_model
+from reference import torch, twin_model
 
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 COFFEE = {"espresso", "cup", "coffee mug"}
@@ -57,6 +56,7 @@ CASES = {
 
 
 @pytest.mark.slow
+@pytest.mark.reference
 @pytest.mark.parametrize("tag", list(CASES))
 def test_offline_weights_classify_photos_and_match_twin(tag, photos, offline_cache):
     model = zoo.load(tag)  # offline, empty cache: must come from the installed package

@@ -1,5 +1,7 @@
 """The torch-free checkpoint reader against torch itself: both file formats, odd layouts, hostile and broken files."""
 
+from __future__ import annotations
+
 import argparse
 import collections
 import os
@@ -11,12 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import zoo.weights
 from zoo.weights.errors import CorruptCheckpointError, UnsafeCheckpointError, WeightsError
 from zoo.weights.package_source import package_file
 from zoo.weights.torch_reader import load_state_dict, read_torch_checkpoint, save_safetensors_atomic
+
+from reference import torch
+
+pytestmark = pytest.mark.reference  # files written by torch itself
 
 FORMATS = {"zip": True, "legacy": False}  # name -> torch.save's _use_new_zipfile_serialization
 

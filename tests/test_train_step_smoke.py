@@ -12,14 +12,16 @@ import pytest
 import zoo
 from zoo.layers.conv import Conv2d, depthwise_impl
 
+from architectures import families, smallest
 from reference import random_variables
 
-# One small member per family (the whole registry is covered by tier 1 shapes and tier 3 parity).
-FAMILY_MODELS = ["mobilenetv2_050", "mobilenetv3_small_050", "efficientnet_b0", "tf_efficientnet_lite0", "mobilevit_xxs"]
+FAMILIES = families()
 
 
-@pytest.mark.parametrize("name", FAMILY_MODELS)
-def test_forward_backward_updates_batch_stats(name):
+# The smallest member of every registered family (the whole registry is covered by tier 1 shapes and tier 3 parity).
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_forward_backward_updates_batch_stats(family):
+    name = smallest(FAMILIES[family])
     module = zoo.create_model(name, num_classes=7, drop_rate=0.1, drop_path_rate=0.1)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 64, 64, 3)), jnp.float32)
     y = jnp.arange(4) % 7
