@@ -2,11 +2,13 @@
 
 fp32, one model per distinct architecture of every registered family (`architectures.distinct_architectures`: the
 same family and the same ops, so width and depth multipliers, which change no op, share one export; the other names
-are left to `python -m export.sweep`, which exports them all): random weights at 64x64 (MobileViT's patching works
-there), exported by `python -m export.sweep` in two worker processes (one per core). Asserted per model: builtin
+are left to `python -m export.sweep`, which exports them all): random weights with BatchNorm statistics from random
+inputs, at 64x64 (MobileViT's patching works there; LeViT at 128x128, `SWEEP_HW`), exported by
+`export.sweep.check_model` in two worker processes (one per core). Asserted per model: builtin
 ops only, one XNNPACK partition, logits within the tolerance (1e-4 + 1e-5 x max|logit|, see export/verify.py) and an
 output SQNR of at least 80 dB (random-weight logits range from 1e-3 to 700, so the scale-free number is the one that
-catches a wrong graph).
+catches a wrong graph); where even JAX's float32 result is far from float64 (a random network that amplifies rounding),
+the file must be as close to float64 as JAX's float32 is, the exporter's own rule.
 
 Quantized, per family, on crops of real photos (skimage's chelsea, coffee, astronaut, rocket; random crops of 50-100%
 of the short side, half flipped; 16 per photo and seed):
@@ -92,6 +94,23 @@ PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 
 # ---------------------------------------------------------------------------------------------------------------- fp32
+# Input size of the sweep by family where 64x64 does not do: LeViT's last stage would be one position, and TFLite's
+# converter rejects the matrix product it then makes of a Dense on a 1x1 map ("invalid output rank").
+SWEEP_HW = {"levit": 128}
+# One sweep worker: `export.sweep.check_model` per (name, size), records rewritten after each (a killed worker keeps
+# what it finished).
+_SWEEP_WORKER = """
+import json, sys
+from export.sweep import check_model
+records = []
+for name, size in json.loads(sys.argv[1]):
+    records.append(check_model(name, (size, size)))
+    print(name, "ok" if records[-1]["ok"] else records[-1]["error"][:300], flush=True)
+    with open(sys.argv[2], "w") as f:
+        json.dump(records, f)
+"""
+
+
 @pytest.fixture(scope="module")
 def sweep(request, tmp_path_factory):
     """Records of `export.sweep` for one model per distinct architecture of the families this session selected,
@@ -106,10 +125,9 @@ def sweep(request, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     procs = []
     for i in range(workers):
-        group = names[i::workers]
+        group = [(name, SWEEP_HW.get(get_entry(name).cfg.family, 64)) for name in names[i::workers]]
         log = open(tmp / f"worker{i}.log", "w")
-        cmd = [sys.executable, "-m", "export.sweep", "--models", ",".join(group), "--size", "64",
-               "--json", str(tmp / f"worker{i}.json")]
+        cmd = [sys.executable, "-c", _SWEEP_WORKER, json.dumps(group), str(tmp / f"worker{i}.json")]
         procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log, i))
     records = {}
     for proc, log, i in procs:
@@ -136,8 +154,13 @@ def test_every_architecture_exports_fp32(sweep, family):
         assert rec["ok"], rec.get("traceback") or rec.get("error")
         assert rec["unsupported"] == {}
         assert rec["partitions"] == 1 and not rec["not_delegated"], rec["not_delegated"]
-        assert rec["max_abs_diff"] <= rec["tolerance"] <= 1e-4 + 1e-5 * rec["logit_scale"] + 1e-12
-        assert rec["sqnr_db"] >= 80, rec
+        assert rec["tolerance"] <= 1e-4 + 1e-5 * rec["logit_scale"] + 1e-12
+        if rec["max_abs_diff"] > rec["tolerance"]:
+            # a random network whose float32 rounding is amplified (MobileOne-S4: JAX's own fp32 logits 0.7 from
+            # float64 ones at 64x64): the file must be as close to float64 as JAX is (export.verify.FLOAT64_FACTOR)
+            assert rec["within_fp32_rounding"], rec
+        else:
+            assert rec["sqnr_db"] >= 80, rec
         if any(t[0] == "conv" and t[1] for t in op_signature(name)):  # native depthwise, not shifted slices
             assert rec["ops"].get("DEPTHWISE_CONV_2D", 0) > 0, name
 
