@@ -97,8 +97,7 @@ class _Interceptor:
         self.split: list[str] = []
 
     def __call__(self, next_fn, args, kwargs, context):
-        from zoo.layers.blocks import InvertedResidual
-        from zoo.models.mobilenet_base import Stage
+        from zoo.layers.blocks import InvertedResidual, Stage
 
         module = context.module
         if context.method_name != "__call__" or not args:

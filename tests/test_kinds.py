@@ -3,6 +3,8 @@ layer of unknown kind fails naming the module instead of skipping it."""
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -71,3 +73,40 @@ def test_int8_float_layers_come_from_the_table():
     pattern = int8_float_pattern(vit, None, (1, 64, 64, 3))
     assert pattern and "transformer_0/attn" in pattern and "norm1" in pattern
     assert int8_float_pattern(zoo.create_model("mobilenetv2_100"), None, (1, 64, 64, 3)) is None
+
+
+class TaggedConv(Conv2d):
+    """An injected conv factory (as a quantized or sparse conv would be): a Conv2d subclass, so its kind is Conv2d's."""
+
+
+class TaggedDense(nn.Dense):
+    pass
+
+
+class TaggedNorm(nn.BatchNorm):
+    pass
+
+
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+def test_injected_layer_factories_reach_every_layer(name):
+    """`conv`, `norm` and `dense` given to a family's constructor build every conv, BatchNorm and Dense of the model
+    (parameters unchanged), and passes see them as the kinds they subclass."""
+    base = zoo.create_model(name)
+    norm = functools.partial(TaggedNorm, momentum=0.9, epsilon=base.bn_eps)
+    module = zoo.create_model(name, conv=TaggedConv, norm=norm, dense=TaggedDense)
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    seen = []
+
+    def record(next_fun, args, kwargs, ctx):
+        if ctx.method_name == "__call__" and isinstance(ctx.module, (Conv2d, nn.Dense, nn.BatchNorm)):
+            seen.append(ctx.module)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
+    assert seen and all(isinstance(m, (TaggedConv, TaggedDense, TaggedNorm)) for m in seen), \
+        sorted({"/".join(m.path) for m in seen if not isinstance(m, (TaggedConv, TaggedDense, TaggedNorm))})[:5]
+    assert {type(m) for m in seen} == {TaggedConv, TaggedDense, TaggedNorm}
+    base_vars = jax.eval_shape(lambda x: base.init(jax.random.key(0), x), x)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(base_vars)
+    kinds.check_model(module, variables, x, what="test")

@@ -18,7 +18,8 @@ import pytest
 import zoo
 from compress.deploy import deploy_checked, deploy_param_count
 from zoo.counting import count_params
-from zoo.models.levit import VARIANTS, attention_bias_index
+from zoo.layers.attention import attention_bias_index
+from zoo.models.levit import VARIANTS
 
 from reference import perturb_batchnorm, random_images, reference_counts
 

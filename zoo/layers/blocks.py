@@ -6,7 +6,7 @@ layers slot in without forking a model, and a `train` flag that switches BatchNo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -43,23 +43,30 @@ def drop_path(x, rate: float, train: bool, module: nn.Module):
     return jnp.where(mask, x / keep, 0.0)
 
 
-class ConvBnAct(nn.Module):
-    """conv -> BN -> act ('cn' blocks; also the stem and the EfficientNet head)."""
+class ConvNormAct(nn.Module):
+    """conv -> norm [-> act] [+ skip]: stems, 'cn' blocks, 1x1 projections, MobileViT's convolutions.
+
+    `norm_name` is there because parameter names are the checkpoint format: timm's EfficientNet/MobileNet stems and
+    'cn' blocks name the norm `bn1` (`conv_stem`/`bn1`), its ConvNormAct (byobnet, MobileViT) names it `bn`.
+    """
 
     out_chs: int
     conv: ModuleDef
     norm: ModuleDef
     kernel: int = 1
     stride: int = 1
-    act: str = "relu"
+    groups: int = 1
+    act: str | None = "relu"  # None: no activation (a linear projection)
     skip: bool = False
+    norm_name: str = "bn"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         shortcut = x
-        x = self.conv(self.out_chs, self.kernel, stride=self.stride, name="conv")(x)
-        x = self.norm(use_running_average=not train, name="bn1")(x)
-        x = get_act(self.act)(x)
+        x = self.conv(self.out_chs, self.kernel, stride=self.stride, groups=self.groups, name="conv")(x)
+        x = self.norm(use_running_average=not train, name=self.norm_name)(x)
+        if self.act:
+            x = get_act(self.act)(x)
         if self.skip and self.stride == 1 and shortcut.shape[-1] == self.out_chs:
             x = x + shortcut
         return x
@@ -100,7 +107,12 @@ class DepthwiseSeparable(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    """pw expand -> BN -> act -> dw -> BN -> act -> [SE] -> pw linear -> BN [+ skip] (MobileNetV2 block, 'ir')."""
+    """pw expand -> BN -> act -> dw -> BN -> act -> [SE] -> pw linear -> BN [+ skip] (MobileNetV2 block, 'ir').
+
+    The one inverted residual of the zoo: MobileNetV2/V3 and EfficientNet ('ir' rows, `mid_chs` from the expansion
+    of the input width rounded by the family's rule) and MobileViT (timm byobnet's bottleneck with `bottle_in=True`,
+    `linear_out=True`, whose checkpoint names its converter maps onto these).
+    """
 
     out_chs: int
     mid_chs: int
@@ -128,6 +140,28 @@ class InvertedResidual(nn.Module):
             x = SqueezeExcite(self.se_chs, self.conv, self.se_act, self.se_gate, name="se")(x)
         x = self.conv(self.out_chs, 1, name="conv_pwl")(x)
         x = self.norm(use_running_average=not train, name="bn3")(x)
+        # only the residual branch is dropped; timm's byobnet also drops the output of blocks without a shortcut
+        # (MobileViT's downsampling blocks). Eval is identical.
         if self.stride == 1 and in_chs == self.out_chs and not self.noskip:
             x = drop_path(x, self.drop_path_rate, train, self) + shortcut
+        return x
+
+
+class Stage(nn.Module):
+    """Blocks `block_0`, `block_1`, ... in sequence: `make(spec, drop_path_rate, name=...)` builds each from its spec.
+
+    Every family's stages are this module, so passes that follow a residual stream through a stage (the int8 row
+    split) see them alike.
+    """
+
+    blocks: tuple[Any, ...]
+    make: Callable[..., nn.Module]
+    drop_path_rates: tuple[float, ...]
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if len(self.drop_path_rates) != len(self.blocks):
+            raise ValueError(f"{len(self.blocks)} blocks but {len(self.drop_path_rates)} drop-path rates")
+        for j, (spec, rate) in enumerate(zip(self.blocks, self.drop_path_rates)):
+            x = self.make(spec, rate, name=f"block_{j}")(x, train)
         return x

@@ -100,3 +100,18 @@ def _reparameterize(module: LinearBn | Conv2dBn, variables: dict) -> dict:
 
 kinds.register(LinearBn, kinds.LayerKind("reparam", reparameterize=_reparameterize))
 kinds.register(Conv2dBn, kinds.LayerKind("reparam", reparameterize=_reparameterize))
+
+
+class LinearBnMlp(nn.Module):
+    """`linear` to `hidden` -> act -> `linear` back to the input width (timm LeViT's LevitMlp: children `ln1`, `ln2`).
+    `linear` is `LinearBn` with the network's dense, norm and form bound."""
+
+    hidden: int
+    linear: ModuleDef
+    act: str = "hard_swish"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        c = x.shape[-1]
+        x = get_act(self.act)(self.linear(self.hidden, name="ln1")(x, train))
+        return self.linear(c, name="ln2")(x, train)

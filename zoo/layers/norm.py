@@ -14,3 +14,5 @@ BN_EPS_TF = 1e-3
 def batch_norm(eps: float = BN_EPS_TORCH):
     """A BatchNorm factory; call it with `use_running_average=not train`."""
     return partial(nn.BatchNorm, momentum=0.9, epsilon=eps)
+
+LN_EPS_TORCH = 1e-5  # torch.nn.LayerNorm default

@@ -7,26 +7,27 @@ Lite drops squeeze-excite, uses ReLU6, and keeps the stem, the first/last stages
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 from zoo.config import INCEPTION_MEAN, INCEPTION_STD, ModelCfg, PretrainedCfg, WeightSource
 from zoo.layers.norm import BN_EPS_TF, BN_EPS_TORCH
-from zoo.models.mobilenet_base import MobileNet, ds, feature_info, ir, make_divisible, resolve_stages
+from zoo.models.mobilenet_base import MobileNet, feature_info, make_divisible, resolve_stages, stage
 from zoo.models._mobile_convert import lukemelas_rename, timm_rename
 from zoo.models._pretrained import REL, REL_HF, timm_weights
 from zoo.registry import register_model
 
 # Paper Table 1 (EfficientNet-B0), 224x224 input.
 B0 = (
-    (ds(1, 3, 1, 16, se=0.25),),  # stage 0, 112x112 in
-    (ir(2, 3, 2, 6, 24, se=0.25),),  # 112x112
-    (ir(2, 5, 2, 6, 40, se=0.25),),  # 56x56
-    (ir(3, 3, 2, 6, 80, se=0.25),),  # 28x28
-    (ir(3, 5, 1, 6, 112, se=0.25),),  # 14x14
-    (ir(4, 5, 2, 6, 192, se=0.25),),  # 14x14
-    (ir(1, 3, 1, 6, 320, se=0.25),),  # 7x7
+    stage(kind="ds", repeat=1, kernel=3, stride=1, out=16, se=0.25),  # stage 0, 112x112 in
+    stage(kind="ir", repeat=2, kernel=3, stride=2, expand=6, out=24, se=0.25),  # stage 1, 112x112 in
+    stage(kind="ir", repeat=2, kernel=5, stride=2, expand=6, out=40, se=0.25),  # stage 2, 56x56 in
+    stage(kind="ir", repeat=3, kernel=3, stride=2, expand=6, out=80, se=0.25),  # stage 3, 28x28 in
+    stage(kind="ir", repeat=3, kernel=5, stride=1, expand=6, out=112, se=0.25),  # stage 4, 14x14 in
+    stage(kind="ir", repeat=4, kernel=5, stride=2, expand=6, out=192, se=0.25),  # stage 5, 14x14 in
+    stage(kind="ir", repeat=1, kernel=3, stride=1, expand=6, out=320, se=0.25),  # stage 6, 7x7 in
 )
-LITE = tuple(tuple(b.__class__(**{**b.__dict__, "se_ratio": 0.0}) for b in stage) for stage in B0)
+LITE = tuple(tuple(replace(r, se=0.0) for r in rows) for rows in B0)  # no squeeze-excite
 
 _M = dict(mean=INCEPTION_MEAN, std=INCEPTION_STD)
 _B1 = dict(input_size=(240, 240), crop_pct=0.882)

@@ -1,11 +1,11 @@
-"""Backbones and heads: how every zoo model is composed.
+"""Heads, and how every zoo model is composed of a backbone and heads.
 
-A **backbone** returns its named outputs as a dict: one entry per `ModelCfg.feature_info` name (the feature maps, NHWC,
-at the stride and width the entry states) and `"pre_logits"` (the pooled features the classifier's last Linear takes,
-timm's `forward_head(x, pre_logits=True)`). A **head** takes that dict and returns its task's output. A registered
-classifier is a backbone plus a classification head in one module, so `module.apply(v, x)` gives logits (timm's
-habit) and `module.apply(v, x, features=True)` gives the backbone's dict: that dict is the one way to read
-intermediate outputs (distillation, detection and segmentation heads use it).
+A **backbone** (`zoo.models.backbone`) returns its named outputs as a dict: one entry per `ModelCfg.feature_info`
+name (the feature maps, NHWC, at the stride and width the entry states) and `"pre_logits"` (the pooled features the
+classifier's last Linear takes, timm's `forward_head(x, pre_logits=True)`). A **head** takes that dict and returns
+its task's output. A registered classifier is a backbone plus a classification head in one module, so
+`module.apply(v, x)` gives logits (timm's habit) and `module.apply(v, x, features=True)` gives the backbone's dict:
+that dict is the one way to read intermediate outputs (distillation, detection and segmentation heads use it).
 
 `TaskModel` composes any backbone (a registered classifier, asked with `features=True`) with named heads, for models
 that add their own heads (detection, segmentation, early exits):
@@ -24,20 +24,14 @@ conv under `head`, as timm's and torchvision's checkpoints do).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from zoo.models.backbone import PRE_LOGITS
+
 ModuleDef = Any
-PRE_LOGITS = "pre_logits"
-
-
-def feature_dict(names: Sequence[str], maps: Sequence, pre_logits) -> dict:
-    """The backbone output: `{name: map for each feature_info name, "pre_logits": pooled}` (in that order)."""
-    if len(names) != len(maps):
-        raise ValueError(f"{len(maps)} feature maps for {len(names)} feature_info names {list(names)}")
-    return {**dict(zip(names, maps)), PRE_LOGITS: pre_logits}
 
 
 class ClassifierHead(nn.Module):

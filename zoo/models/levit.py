@@ -4,6 +4,8 @@ the 128S / 128 / 192 / 256 / 384 variants as timm builds them (`timm/models/levi
 A 16x16 patchify stem of four 3x3/2 conv+BN (hard-swish between them), then three stages of attention blocks on the
 tokens of the 14x14 (224x224 input) map: every block is x + attention(x) and x + MLP(x), with no LayerNorm; every
 projection is Linear+BatchNorm (`zoo.layers.linear_bn.LinearBn`), so the deployed network is plain matrix products.
+The attention layers (`zoo.layers.attention.RelBiasAttention`, `RelBiasAttentionSubsample`) and the MLP
+(`zoo.layers.linear_bn.LinearBnMlp`) come from the shared block library; the blocks, stem and head are LeViT's own.
 Attention has a learned bias per head and relative offset (|dy|, |dx|) in place of position embeddings, and
 hard-swish before its output projection. Between stages a "shrink attention" block subsamples the queries 2x
 (keys and values keep the full map), widens the tokens, and is followed by a residual MLP. The classifier is
@@ -28,26 +30,24 @@ from functools import partial
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from zoo.config import FeatureInfo, ModelCfg
 from zoo.inputs import check_images
 from zoo.layers import kinds
-from zoo.layers.activations import get_act
 from zoo.layers.blocks import drop_path
-from zoo.layers.conv import Conv2d
-from zoo.layers.linear_bn import Conv2dBn, LinearBn, bn_affine, norm_eps
+from zoo.layers.attention import RelBiasAttention, RelBiasAttentionSubsample
+from zoo.layers.linear_bn import Conv2dBn, LinearBn, LinearBnMlp, bn_affine, norm_eps
 from zoo.layers.norm import BN_EPS_TORCH, batch_norm
 from zoo.models._pretrained import timm_weights
-from zoo.models.heads import PRE_LOGITS, feature_dict
+from zoo.models.backbone import PRE_LOGITS, feature_dict, layer_factories
 from zoo.registry import register_model
 
 ModuleDef = Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stage:
     """One stage: `depth` attention blocks of width `dim` with `num_heads` heads. Every stage but the first starts
     with a shrink-attention block (queries subsampled 2x, `in_dim // key_dim` heads) to `dim`."""
@@ -59,11 +59,31 @@ class Stage:
 
 # LeViT variants (timm's `model_cfgs`, the paper's architecture table); key_dim D = 16 (128S, 128) or 32.
 # Attention and MLP ratios are 2 in the blocks; a shrink block has value ratio 4 and MLP ratio 2.
-LEVIT_128S = (Stage(128, 2, 4), Stage(256, 3, 6), Stage(384, 4, 8))  # stages at 14x14, 7x7, 4x4 (224x224 in)
-LEVIT_128 = (Stage(128, 4, 4), Stage(256, 4, 8), Stage(384, 4, 12))
-LEVIT_192 = (Stage(192, 4, 3), Stage(288, 4, 5), Stage(384, 4, 6))
-LEVIT_256 = (Stage(256, 4, 4), Stage(384, 4, 6), Stage(512, 4, 8))
-LEVIT_384 = (Stage(384, 4, 6), Stage(512, 4, 9), Stage(768, 4, 12))
+LEVIT_128S = (
+    Stage(dim=128, depth=2, num_heads=4),  # stage 0, 14x14 tokens (224x224 in)
+    Stage(dim=256, depth=3, num_heads=6),  # stage 1, 7x7 tokens (224x224 in)
+    Stage(dim=384, depth=4, num_heads=8),  # stage 2, 4x4 tokens (224x224 in)
+)
+LEVIT_128 = (
+    Stage(dim=128, depth=4, num_heads=4),  # stage 0, 14x14 tokens (224x224 in)
+    Stage(dim=256, depth=4, num_heads=8),  # stage 1, 7x7 tokens (224x224 in)
+    Stage(dim=384, depth=4, num_heads=12),  # stage 2, 4x4 tokens (224x224 in)
+)
+LEVIT_192 = (
+    Stage(dim=192, depth=4, num_heads=3),  # stage 0, 14x14 tokens (224x224 in)
+    Stage(dim=288, depth=4, num_heads=5),  # stage 1, 7x7 tokens (224x224 in)
+    Stage(dim=384, depth=4, num_heads=6),  # stage 2, 4x4 tokens (224x224 in)
+)
+LEVIT_256 = (
+    Stage(dim=256, depth=4, num_heads=4),  # stage 0, 14x14 tokens (224x224 in)
+    Stage(dim=384, depth=4, num_heads=6),  # stage 1, 7x7 tokens (224x224 in)
+    Stage(dim=512, depth=4, num_heads=8),  # stage 2, 4x4 tokens (224x224 in)
+)
+LEVIT_384 = (
+    Stage(dim=384, depth=4, num_heads=6),  # stage 0, 14x14 tokens (224x224 in)
+    Stage(dim=512, depth=4, num_heads=9),  # stage 1, 7x7 tokens (224x224 in)
+    Stage(dim=768, depth=4, num_heads=12),  # stage 2, 4x4 tokens (224x224 in)
+)
 
 Stages = tuple[Stage, ...]
 
@@ -82,93 +102,6 @@ def feature_info(stages: Stages) -> tuple[FeatureInfo, ...]:
             FeatureInfo("stages_1", 32, stages[1].dim))
 
 
-def attention_bias_index(hw: tuple[int, int], stride: int = 1) -> np.ndarray:
-    """(queries, keys) index into a head's biases: |dy| * W + |dx| between query and key positions of an (H, W) map,
-    the queries on every `stride`-th row and column (the keys on all), both in row-major order."""
-    h, w = hw
-    ky, kx = (a.reshape(-1) for a in np.meshgrid(np.arange(h), np.arange(w), indexing="ij"))
-    qy, qx = (a.reshape(-1) for a in np.meshgrid(np.arange(0, h, stride), np.arange(0, w, stride), indexing="ij"))
-    return np.abs(qy[:, None] - ky[None]) * w + np.abs(qx[:, None] - kx[None])
-
-
-def _attend(q, k, v, biases, index, scale):
-    """softmax(q k^T * scale + bias) v per head; q (B, Nq, heads, d), k (B, N, heads, d), v (B, N, heads, dv)."""
-    attn = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    attn = attn + jnp.take(biases, jnp.asarray(index), axis=1).astype(attn.dtype)  # (heads, Nq, N)
-    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v)
-    return out.reshape(*out.shape[:2], -1)
-
-
-class Attention(nn.Module):
-    """LeViT attention on an NHWC map: LinearBn qkv (per head: key_dim q, key_dim k, attn_ratio * key_dim v), attention
-    with a learned bias per relative offset, act, LinearBn projection back to the input width."""
-
-    num_heads: int
-    key_dim: int
-    attn_ratio: float
-    linear: ModuleDef  # LinearBn with the network's dense, norm and form bound
-    act: str = "hard_swish"
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        b, h, w, c = x.shape
-        heads, kd, vd = self.num_heads, self.key_dim, int(self.attn_ratio * self.key_dim)
-        qkv = self.linear(heads * (2 * kd + vd), name="qkv")(x.reshape(b, h * w, c), train)
-        qkv = qkv.reshape(b, h * w, heads, 2 * kd + vd)
-        q, k, v = qkv[..., :kd], qkv[..., kd:2 * kd], qkv[..., 2 * kd:]
-        biases = self.param("attention_biases", nn.initializers.zeros, (heads, h * w))
-        x = _attend(q, k, v, biases, attention_bias_index((h, w)), kd**-0.5)
-        x = self.linear(c, name="proj")(get_act(self.act)(x), train)
-        return x.reshape(b, h, w, c)
-
-
-class AttentionSubsample(nn.Module):
-    """LeViT's shrink attention: keys and values from every position, queries from every `stride`-th row and column
-    (timm's "subsample" Downsample), output `out_dim` wide at the queries' resolution."""
-
-    out_dim: int
-    num_heads: int
-    key_dim: int
-    attn_ratio: float
-    linear: ModuleDef
-    act: str = "hard_swish"
-    stride: int = 2
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        b, h, w, c = x.shape
-        heads, kd, vd = self.num_heads, self.key_dim, int(self.attn_ratio * self.key_dim)
-        kv = self.linear(heads * (kd + vd), name="kv")(x.reshape(b, h * w, c), train).reshape(b, h * w, heads, kd + vd)
-        k, v = kv[..., :kd], kv[..., kd:]
-        xq = x[:, ::self.stride, ::self.stride]
-        hq, wq = xq.shape[1:3]
-        q = self.linear(heads * kd, name="q")(xq.reshape(b, hq * wq, c), train).reshape(b, hq * wq, heads, kd)
-        biases = self.param("attention_biases", nn.initializers.zeros, (heads, h * w))
-        x = _attend(q, k, v, biases, attention_bias_index((h, w), self.stride), kd**-0.5)
-        x = self.linear(self.out_dim, name="proj")(get_act(self.act)(x), train)
-        return x.reshape(b, hq, wq, self.out_dim)
-
-
-# softmax of activations: float in int8 files; the attention biases are the module's own parameters
-kinds.register(Attention, kinds.LayerKind("attention", int8="float"))
-kinds.register(AttentionSubsample, kinds.LayerKind("attention", int8="float"))
-
-
-class Mlp(nn.Module):
-    """LinearBn to `hidden` -> act -> LinearBn back to the input width (timm's LevitMlp, `ln1`, `ln2`)."""
-
-    hidden: int
-    linear: ModuleDef
-    act: str = "hard_swish"
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        c = x.shape[-1]
-        x = get_act(self.act)(self.linear(self.hidden, name="ln1")(x, train))
-        return self.linear(c, name="ln2")(x, train)
-
-
 class Block(nn.Module):
     """x + attn(x), then x + mlp(x); stochastic depth on both branches."""
 
@@ -181,9 +114,9 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        y = Attention(self.num_heads, self.key_dim, ATTN_RATIO, self.linear, self.act, name="attn")(x, train)
+        y = RelBiasAttention(self.num_heads, self.key_dim, ATTN_RATIO, self.linear, self.act, name="attn")(x, train)
         x = x + drop_path(y, self.drop_path_rate, train, self)
-        y = Mlp(int(self.dim * MLP_RATIO), self.linear, self.act, name="mlp")(x, train)
+        y = LinearBnMlp(int(self.dim * MLP_RATIO), self.linear, self.act, name="mlp")(x, train)
         return x + drop_path(y, self.drop_path_rate, train, self)
 
 
@@ -199,9 +132,9 @@ class Downsample(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         heads = x.shape[-1] // self.key_dim
-        x = AttentionSubsample(self.out_dim, heads, self.key_dim, DOWN_ATTN_RATIO, self.linear, self.act,
-                               name="attn_downsample")(x, train)
-        y = Mlp(int(self.out_dim * DOWN_MLP_RATIO), self.linear, self.act, name="mlp")(x, train)
+        x = RelBiasAttentionSubsample(self.out_dim, heads, self.key_dim, DOWN_ATTN_RATIO, self.linear, self.act,
+                                      name="attn_downsample")(x, train)
+        y = LinearBnMlp(int(self.out_dim * DOWN_MLP_RATIO), self.linear, self.act, name="mlp")(x, train)
         return x + drop_path(y, self.drop_path_rate, train, self)
 
 
@@ -321,14 +254,17 @@ class LeViT(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # the same rate in every block, as timm
     dtype: Any = None  # compute dtype (e.g. jnp.bfloat16); parameters stay float32
+    # injected layer factories (None: the defaults; see `zoo.models.backbone.layer_factories`)
+    conv: Any = None
+    norm: Any = None
+    dense: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
         check_images(x, self.in_chans, "LeViT")
-        dense = partial(nn.Dense, dtype=self.dtype)
-        norm = partial(batch_norm(self.bn_eps), dtype=self.dtype)
+        conv, norm, dense = layer_factories(self.conv, self.norm, self.dense, bn_eps=self.bn_eps, dtype=self.dtype)
         linear = partial(LinearBn, dense=dense, norm=norm, deploy=self.deploy)
-        conv_bn = partial(Conv2dBn, conv=partial(Conv2d, dtype=self.dtype), norm=norm, deploy=self.deploy)
+        conv_bn = partial(Conv2dBn, conv=conv, norm=norm, deploy=self.deploy)
         x, maps = Stem16(self.stages[0].dim, conv_bn, self.act, name="stem")(x, train)
         for i, s in enumerate(self.stages):
             x = LevitStage(s, self.key_dim, i > 0, linear, self.act, self.drop_path_rate, name=f"stages_{i}")(x, train)

@@ -1,8 +1,9 @@
 """The network shared by MobileNetV2, MobileNetV3 and EfficientNet(-Lite): stem, stages of blocks, head.
 
-Family files describe their variants as tables of `BlockSpec` (one tuple per stage, as in the papers' tables) and call
-`resolve_stages` with their width/depth multipliers; the result is a tuple of concrete per-block configs that
-`MobileNet` turns into modules. Rounding follows timm's EfficientNet builder exactly, so parameter counts match.
+Family files describe their variants as tables of keyword rows (one `stage(kind="ir", repeat=2, ...)` per stage, as
+in the papers' tables) and call `resolve_stages` with their width/depth multipliers; the result is a tuple of concrete
+per-block configs that `MobileNet` builds from the shared block library (`zoo.layers.blocks`). Rounding follows timm's
+EfficientNet builder exactly, so parameter counts match.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import jax.numpy as jnp
 from zoo.config import FeatureInfo
 from zoo.inputs import check_images
 from zoo.layers.activations import get_act
-from zoo.layers.blocks import ConvBnAct, DepthwiseSeparable, InvertedResidual
-from zoo.layers.conv import Conv2d
-from zoo.layers.norm import batch_norm
-from zoo.models.heads import classify, feature_dict
+from zoo.layers.blocks import ConvNormAct, DepthwiseSeparable, InvertedResidual, Stage
+from zoo.models.backbone import feature_dict, layer_factories, stage_feature_info
+from zoo.models.heads import classify
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
@@ -33,30 +33,33 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, rou
     return new_v
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BlockSpec:
-    """One row of a stage table: `repeat` blocks of `kind` ('ds', 'ir' or 'cn')."""
+    """One row of a stage table: `repeat` blocks of `kind` to width `out`, the first with `stride`.
+
+    kind: "ds" (depthwise-separable), "ir" (inverted residual expanding the input width by `expand`) or "cn" (conv,
+    BN, act). `se`: squeeze-excite ratio (0: none); `act` overrides the network activation for these blocks (e.g.
+    ReLU in MobileNetV3's early stages).
+    """
 
     kind: Literal["ds", "ir", "cn"]
     repeat: int
     kernel: int
     stride: int
-    out_chs: int
-    exp_ratio: float = 1.0
-    se_ratio: float = 0.0
-    act: str | None = None  # per-block override of the network activation (e.g. ReLU in MobileNetV3's early stages)
+    out: int
+    expand: float = 1.0
+    se: float = 0.0
+    act: str | None = None
 
 
-def ds(r, k, s, c, se=0.0, act=None):
-    return BlockSpec("ds", r, k, s, c, 1.0, se, act)
-
-
-def ir(r, k, s, e, c, se=0.0, act=None):
-    return BlockSpec("ir", r, k, s, c, e, se, act)
-
-
-def cn(r, k, s, c, act=None):
-    return BlockSpec("cn", r, k, s, c, act=act)
+def stage(*rows: BlockSpec, **row) -> tuple[BlockSpec, ...]:
+    """One stage of a table: a single row by keyword (`stage(kind="ir", repeat=2, kernel=3, stride=2, expand=6,
+    out=24)`), or several `BlockSpec` rows."""
+    if rows and row:
+        raise TypeError("stage() takes either BlockSpec rows or the keywords of one row, not both")
+    if not rows:
+        rows = (BlockSpec(**row),)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -105,11 +108,11 @@ def resolve_stages(
         fixed = fix_first_last and i in (0, len(table) - 1)
         blocks = []
         for j, spec in enumerate(_scale_depth(specs, 1.0 if fixed else depth)):
-            out_chs = make_divisible(spec.out_chs * width)
-            mid_chs = make_divisible(in_chs * spec.exp_ratio) if spec.kind == "ir" else in_chs
+            out_chs = make_divisible(spec.out * width)
+            mid_chs = make_divisible(in_chs * spec.expand) if spec.kind == "ir" else in_chs
             se_chs = 0
-            if spec.se_ratio:
-                ratio = spec.se_ratio if se_from_exp else spec.se_ratio / spec.exp_ratio
+            if spec.se:
+                ratio = spec.se if se_from_exp else spec.se / spec.expand
                 rd = mid_chs * ratio
                 se_chs = make_divisible(rd) if se_round == "divisible" else round(rd)
             blocks.append(
@@ -122,39 +125,21 @@ def resolve_stages(
 
 
 def feature_info(stages: tuple[tuple[Block, ...], ...], stem_stride: int = 2) -> tuple[FeatureInfo, ...]:
-    """The last stage output at each stride: what detection/segmentation heads take (timm's feature_info)."""
-    infos, stride = [], stem_stride
-    if stages[0][0].stride > 1:  # the stem's output is the only stride-2 map (MobileNetV3-Small)
-        infos.append(FeatureInfo("stem", stem_stride, stages[0][0].in_chs))
-    for i, blocks in enumerate(stages):
-        stride *= blocks[0].stride
-        nxt = stages[i + 1][0].stride if i + 1 < len(stages) else 2
-        if nxt > 1:
-            infos.append(FeatureInfo(f"stages_{i}", stride, blocks[-1].out_chs))
-    return tuple(infos)
+    """The last stage output at each stride: what detection/segmentation heads take (timm's feature_info); the stem's
+    output where it is the only stride-2 map (MobileNetV3-Small)."""
+    return stage_feature_info(stages[0][0].in_chs, [b[0].stride for b in stages], [b[-1].out_chs for b in stages],
+                              stem_stride)
 
 
-class Stage(nn.Module):
-    blocks: tuple[Block, ...]
-    conv: Any
-    norm: Any
-    se_act: str
-    se_gate: str
-    drop_path_rates: tuple[float, ...]
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        for j, (b, dpr) in enumerate(zip(self.blocks, self.drop_path_rates)):
-            common = dict(conv=self.conv, norm=self.norm, kernel=b.kernel, stride=b.stride, act=b.act, name=f"block_{j}")
-            if b.kind == "cn":
-                x = ConvBnAct(b.out_chs, **common)(x, train)
-                continue
-            se = dict(se_chs=b.se_chs, se_act=self.se_act, se_gate=self.se_gate, drop_path_rate=dpr)
-            if b.kind == "ds":
-                x = DepthwiseSeparable(b.out_chs, **common, **se)(x, train)
-            else:
-                x = InvertedResidual(b.out_chs, b.mid_chs, **common, **se)(x, train)
-        return x
+def make_block(b: Block, drop_path_rate: float, *, conv, norm, se_act: str, se_gate: str, name: str) -> nn.Module:
+    """The module of one resolved block ('cn', 'ds' or 'ir'), from the shared block library."""
+    common = dict(conv=conv, norm=norm, kernel=b.kernel, stride=b.stride, act=b.act, name=name)
+    if b.kind == "cn":
+        return ConvNormAct(b.out_chs, **common, norm_name="bn1")
+    se = dict(se_chs=b.se_chs, se_act=se_act, se_gate=se_gate, drop_path_rate=drop_path_rate)
+    if b.kind == "ds":
+        return DepthwiseSeparable(b.out_chs, **common, **se)
+    return InvertedResidual(b.out_chs, b.mid_chs, **common, **se)
 
 
 class MobileNetHead(nn.Module):
@@ -211,13 +196,19 @@ class MobileNet(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     dtype: Any = None  # compute dtype (e.g. jnp.bfloat16); parameters stay float32
+    # injected layer factories (None: the defaults; see `zoo.models.backbone.layer_factories`)
+    conv: Any = None
+    norm: Any = None
+    dense: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
         check_images(x, self.in_chans, type(self).__name__)
-        conv = partial(Conv2d, padding=self.padding, dtype=self.dtype)
-        norm = partial(batch_norm(self.bn_eps), dtype=self.dtype)
-        x = ConvBnAct(self.stem_chs, conv, norm, kernel=3, stride=2, act=self.act, name="stem")(x, train)
+        conv, norm, dense = layer_factories(self.conv, self.norm, self.dense, bn_eps=self.bn_eps, dtype=self.dtype,
+                                            padding=self.padding)
+        x = ConvNormAct(self.stem_chs, conv, norm, kernel=3, stride=2, act=self.act, norm_name="bn1", name="stem")(
+            x, train)
+        make = partial(make_block, conv=conv, norm=norm, se_act=self.se_act, se_gate=self.se_gate)
         n_blocks = sum(len(s) for s in self.stages)
         names = [f.name for f in feature_info(self.stages)]
         seen, maps = 0, [x] if "stem" in names else []
@@ -225,11 +216,11 @@ class MobileNet(nn.Module):
             # stochastic depth grows linearly with block index (EfficientNet)
             rates = tuple(self.drop_path_rate * (seen + j) / n_blocks for j in range(len(blocks)))
             seen += len(blocks)
-            x = Stage(blocks, conv, norm, self.se_act, self.se_gate, rates, name=f"stages_{i}")(x, train)
+            x = Stage(blocks, make, rates, name=f"stages_{i}")(x, train)
             if f"stages_{i}" in names:
                 maps.append(x)
-        head = MobileNetHead(self.num_features, self.num_classes, self.head_type, self.act, conv, norm,
-                             partial(nn.Dense, dtype=self.dtype), self.drop_rate, name="head")
+        head = MobileNetHead(self.num_features, self.num_classes, self.head_type, self.act, conv, norm, dense,
+                             self.drop_rate, name="head")
         feats = feature_dict(names, maps, head(x, train, pre_logits=True))
         if features:
             return feats

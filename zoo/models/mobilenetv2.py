@@ -9,20 +9,20 @@ from __future__ import annotations
 from functools import partial
 
 from zoo.config import ModelCfg, WeightSource
-from zoo.models.mobilenet_base import MobileNet, ds, feature_info, ir, make_divisible, resolve_stages
+from zoo.models.mobilenet_base import MobileNet, feature_info, make_divisible, resolve_stages, stage
 from zoo.models._mobile_convert import timm_rename, torchvision_rename
 from zoo.models._pretrained import REL, timm_weights, torchvision_weights
 from zoo.registry import register_model
 
 # Paper Table 2 (t: expansion, c: channels, n: repeats, s: stride), 224x224 input.
 TABLE = (
-    (ds(1, 3, 1, 16),),  # stage 0, 112x112 in
-    (ir(2, 3, 2, 6, 24),),  # 112x112
-    (ir(3, 3, 2, 6, 32),),  # 56x56
-    (ir(4, 3, 2, 6, 64),),  # 28x28
-    (ir(3, 3, 1, 6, 96),),  # 14x14
-    (ir(3, 3, 2, 6, 160),),  # 14x14
-    (ir(1, 3, 1, 6, 320),),  # 7x7
+    stage(kind="ds", repeat=1, kernel=3, stride=1, out=16),  # stage 0, 112x112 in
+    stage(kind="ir", repeat=2, kernel=3, stride=2, expand=6, out=24),  # stage 1, 112x112 in
+    stage(kind="ir", repeat=3, kernel=3, stride=2, expand=6, out=32),  # stage 2, 56x56 in
+    stage(kind="ir", repeat=4, kernel=3, stride=2, expand=6, out=64),  # stage 3, 28x28 in
+    stage(kind="ir", repeat=3, kernel=3, stride=1, expand=6, out=96),  # stage 4, 14x14 in
+    stage(kind="ir", repeat=3, kernel=3, stride=2, expand=6, out=160),  # stage 5, 14x14 in
+    stage(kind="ir", repeat=1, kernel=3, stride=1, expand=6, out=320),  # stage 6, 7x7 in
 )
 
 # name: (width multiplier, pretrained weights)

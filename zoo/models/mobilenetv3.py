@@ -7,51 +7,51 @@ TensorFlow); torchvision's use BN eps 1e-3 with symmetric padding.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 from zoo.config import INCEPTION_MEAN, INCEPTION_STD, ModelCfg
 from zoo.layers.norm import BN_EPS_TF, BN_EPS_TORCH
-from zoo.models.mobilenet_base import MobileNet, cn, ds, feature_info, ir, make_divisible, resolve_stages
+from zoo.models.mobilenet_base import BlockSpec, MobileNet, feature_info, make_divisible, resolve_stages, stage
 from zoo.models._mobile_convert import timm_rename, torchvision_rename
 from zoo.models._pretrained import REL, REL_TRESNET, timm_weights, torchvision_weights
 from zoo.registry import register_model
 
-# Paper Table 1, 224x224 input. `act=None` blocks use the network activation (hard-swish).
+# Paper Table 1, 224x224 input (the "exp size" column as `expand` = exp size / input width). `act=None` rows use
+# the network activation (hard-swish).
+IR = partial(BlockSpec, kind="ir", repeat=1)  # one inverted residual: rows of the stages that mix expansions
 LARGE = (
-    (ds(1, 3, 1, 16, act="relu"),),  # stage 0, 112x112 in
-    (ir(1, 3, 2, 4, 24, act="relu"), ir(1, 3, 1, 3, 24, act="relu")),  # 112x112
-    (ir(3, 5, 2, 3, 40, se=0.25, act="relu"),),  # 56x56
-    (ir(1, 3, 2, 6, 80), ir(1, 3, 1, 2.5, 80), ir(2, 3, 1, 2.3, 80)),  # 28x28
-    (ir(2, 3, 1, 6, 112, se=0.25),),  # 14x14
-    (ir(3, 5, 2, 6, 160, se=0.25),),  # 14x14
-    (cn(1, 1, 1, 960),),  # 7x7
+    stage(kind="ds", repeat=1, kernel=3, stride=1, out=16, act="relu"),  # stage 0, 112x112 in
+    stage(IR(kernel=3, stride=2, expand=4, out=24, act="relu"),  # stage 1, 112x112 in
+          IR(kernel=3, stride=1, expand=3, out=24, act="relu")),
+    stage(kind="ir", repeat=3, kernel=5, stride=2, expand=3, out=40, se=0.25, act="relu"),  # stage 2, 56x56 in
+    stage(IR(kernel=3, stride=2, expand=6, out=80),  # stage 3, 28x28 in
+          IR(kernel=3, stride=1, expand=2.5, out=80),
+          IR(kernel=3, stride=1, expand=2.3, out=80, repeat=2)),
+    stage(kind="ir", repeat=2, kernel=3, stride=1, expand=6, out=112, se=0.25),  # stage 4, 14x14 in
+    stage(kind="ir", repeat=3, kernel=5, stride=2, expand=6, out=160, se=0.25),  # stage 5, 14x14 in
+    stage(kind="cn", repeat=1, kernel=1, stride=1, out=960),  # stage 6, 7x7 in
 )
 # Paper Table 2.
 SMALL = (
-    (ds(1, 3, 2, 16, se=0.25, act="relu"),),  # stage 0, 112x112 in
-    (ir(1, 3, 2, 4.5, 24, act="relu"), ir(1, 3, 1, 3.67, 24, act="relu")),  # 56x56
-    (ir(1, 5, 2, 4, 40, se=0.25), ir(2, 5, 1, 6, 40, se=0.25)),  # 28x28
-    (ir(2, 5, 1, 3, 48, se=0.25),),  # 14x14
-    (ir(3, 5, 2, 6, 96, se=0.25),),  # 14x14
-    (cn(1, 1, 1, 576),),  # 7x7
+    stage(kind="ds", repeat=1, kernel=3, stride=2, out=16, se=0.25, act="relu"),  # stage 0, 112x112 in
+    stage(IR(kernel=3, stride=2, expand=4.5, out=24, act="relu"),  # stage 1, 56x56 in
+          IR(kernel=3, stride=1, expand=3.67, out=24, act="relu")),
+    stage(IR(kernel=5, stride=2, expand=4, out=40, se=0.25),  # stage 2, 28x28 in
+          IR(kernel=5, stride=1, expand=6, out=40, se=0.25, repeat=2)),
+    stage(kind="ir", repeat=2, kernel=5, stride=1, expand=3, out=48, se=0.25),  # stage 3, 14x14 in
+    stage(kind="ir", repeat=3, kernel=5, stride=2, expand=6, out=96, se=0.25),  # stage 4, 14x14 in
+    stage(kind="cn", repeat=1, kernel=1, stride=1, out=576),  # stage 5, 7x7 in
 )
-LARGE_MINIMAL = (
-    (ds(1, 3, 1, 16),),
-    (ir(1, 3, 2, 4, 24), ir(1, 3, 1, 3, 24)),
-    (ir(3, 3, 2, 3, 40),),
-    (ir(1, 3, 2, 6, 80), ir(1, 3, 1, 2.5, 80), ir(2, 3, 1, 2.3, 80)),
-    (ir(2, 3, 1, 6, 112),),
-    (ir(3, 3, 2, 6, 160),),
-    (cn(1, 1, 1, 960),),
-)
-SMALL_MINIMAL = (
-    (ds(1, 3, 2, 16),),
-    (ir(1, 3, 2, 4.5, 24), ir(1, 3, 1, 3.67, 24)),
-    (ir(1, 3, 2, 4, 40), ir(2, 3, 1, 6, 40)),
-    (ir(2, 3, 1, 3, 48),),
-    (ir(3, 3, 2, 6, 96),),
-    (cn(1, 1, 1, 576),),
-)
+
+
+def minimal(table):
+    """The TF release's "minimal" variant of a table: no squeeze-excite, 3x3 kernels, the network activation."""
+    return tuple(tuple(replace(r, se=0.0, kernel=min(r.kernel, 3), act=None) for r in rows) for rows in table)
+
+
+LARGE_MINIMAL = minimal(LARGE)
+SMALL_MINIMAL = minimal(SMALL)
 
 _TF = dict(interpolation="bilinear", mean=INCEPTION_MEAN, std=INCEPTION_STD)
 

@@ -25,11 +25,12 @@ import jax.numpy as jnp
 
 from zoo.config import FeatureInfo, ModelCfg
 from zoo.inputs import check_images
-from zoo.layers.conv import Conv2d
-from zoo.layers.norm import BN_EPS_TORCH, batch_norm
+from zoo.layers.blocks import Stage as BlockStage  # `Stage` here is a row of the variant table
+from zoo.layers.norm import BN_EPS_TORCH
 from zoo.layers.reparam import MobileOneBlock
 from zoo.models._pretrained import timm_weights
-from zoo.models.heads import ClassifierHead, feature_dict
+from zoo.models.backbone import feature_dict, layer_factories, stage_feature_info
+from zoo.models.heads import ClassifierHead
 from zoo.registry import register_model
 
 
@@ -112,25 +113,13 @@ def resolve_stage(stage: Stage, in_chs: int) -> tuple[BlockCfg, ...]:
 
 def feature_info(stages: Stages, stem_chs: int) -> tuple[FeatureInfo, ...]:
     """The stem (stride 2) and every stage output (strides 4-32): each stage starts with a stride-2 block."""
-    infos = [FeatureInfo("stem", 2, stem_chs)]
-    for i, s in enumerate(stages):
-        infos.append(FeatureInfo(f"stages_{i}", 2 ** (i + 2), s.out_chs))
-    return tuple(infos)
+    return stage_feature_info(stem_chs, [2] * len(stages), [s.out_chs for s in stages])
 
 
-class MobileOneStage(nn.Module):
-    blocks: tuple[BlockCfg, ...]
-    block: Any  # MobileOneBlock with the network's conv, norm, act and form bound
-    num_conv_branches: int
-    drop_path_rates: tuple[float, ...]
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        for j, (b, rate) in enumerate(zip(self.blocks, self.drop_path_rates)):
-            x = self.block(b.out_chs, b.kernel, b.stride, groups=x.shape[-1] if b.depthwise else 1,
-                           num_conv_branches=self.num_conv_branches, se_chs=b.se_chs, drop_path_rate=rate,
-                           name=f"block_{j}")(x, train)
-        return x
+def make_block(b: BlockCfg, drop_path_rate: float, *, block, num_conv_branches: int, name: str) -> nn.Module:
+    """The `MobileOneBlock` of one resolved block (`block`: the class with the network's conv, norm, act, form)."""
+    return block(b.out_chs, b.kernel, b.stride, groups=b.out_chs if b.depthwise else 1,
+                 num_conv_branches=num_conv_branches, se_chs=b.se_chs, drop_path_rate=drop_path_rate, name=name)
 
 
 class MobileOne(nn.Module):
@@ -149,14 +138,19 @@ class MobileOne(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     dtype: Any = None  # compute dtype (e.g. jnp.bfloat16); parameters stay float32
+    # injected layer factories (None: the defaults; see `zoo.models.backbone.layer_factories`)
+    conv: Any = None
+    norm: Any = None
+    dense: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
         check_images(x, self.in_chans, "MobileOne")
-        block = partial(MobileOneBlock, conv=partial(Conv2d, dtype=self.dtype),
-                        norm=partial(batch_norm(self.bn_eps), dtype=self.dtype), act=self.act, deploy=self.deploy)
+        conv, norm, dense = layer_factories(self.conv, self.norm, self.dense, bn_eps=self.bn_eps, dtype=self.dtype)
+        block = partial(MobileOneBlock, conv=conv, norm=norm, act=self.act, deploy=self.deploy)
         # the stem has a single 3x3 branch in every variant (timm builds it without `num_conv_branches`)
         x = block(self.stem_chs, 3, 2, name="stem")(x, train)
+        make = partial(make_block, block=block, num_conv_branches=self.num_conv_branches)
         maps = [x]
         resolved, in_chs = [], self.stem_chs
         for s in self.stages:
@@ -169,14 +163,13 @@ class MobileOne(nn.Module):
         for i, blocks in enumerate(resolved):
             stage_rates = tuple(rates[seen:seen + len(blocks)])
             seen += len(blocks)
-            x = MobileOneStage(blocks, block, self.num_conv_branches, stage_rates, name=f"stages_{i}")(x, train)
+            x = BlockStage(blocks, make, stage_rates, name=f"stages_{i}")(x, train)
             maps.append(x)
-        feats = feature_dict(["stem"] + [f"stages_{i}" for i in range(len(resolved))], maps,
+        feats = feature_dict([f.name for f in feature_info(self.stages, self.stem_chs)], maps,
                              jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
         if features:
             return feats
-        return ClassifierHead(self.num_classes, self.drop_rate, partial(nn.Dense, dtype=self.dtype), name="head")(
-            feats, train)
+        return ClassifierHead(self.num_classes, self.drop_rate, dense, name="head")(feats, train)
 
 
 def timm_rename(module: MobileOne):
