@@ -256,5 +256,9 @@ def test_classifier_weights_load_into_a_task_model_backbone(tmp_path, twin_file)
     assert set(ours) == {f.name for f in base.cfg.feature_info} | {"pre_logits"}
     for name in ours:
         np.testing.assert_allclose(ours[name], feats[name], atol=1e-5)
+    single = TaskModel(base.module.clone(num_classes=0), (("cls", ClassifierHead(4)),), single=True)
+    assert jax.eval_shape(lambda v, x: single.apply(v, x), {"params": {**params, "cls": head_params["cls"]},
+                                                             "batch_stats": base.variables["batch_stats"]},
+                          x).shape == (2, 4)
     with pytest.raises(ValueError, match="distinct names"):
         TaskModel(base.module, (("cls", ClassifierHead(4)), ("cls", ClassifierHead(4)))).init(jax.random.key(0), x)

@@ -66,7 +66,8 @@ class Model:
         return jax.jit(run, static_argnums=(2, 3))
 
     def __call__(self, images, *, features: bool = False):
-        """Logits (or feature maps) of a float NHWC batch, normalized as `preprocess` does."""
+        """Logits of a float NHWC batch, normalized as `preprocess` does; `features=True`: the backbone's dict of named
+        outputs (`cfg.feature_info` maps and `pre_logits`, see `zoo.models.heads`)."""
         check_images(images, self.cfg.in_chans, self.cfg.name)
         return self._apply(self.variables, jnp.asarray(images), features, resolved_depthwise_impl())
 

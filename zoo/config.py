@@ -14,9 +14,9 @@ INCEPTION_STD = (0.5, 0.5, 0.5)
 
 @dataclass(frozen=True)
 class FeatureInfo:
-    """One multi-scale feature map a model returns with `features=True`."""
+    """One multi-scale feature map a model returns with `features=True` (an entry of the backbone's dict)."""
 
-    name: str  # the module path whose output it is, e.g. "stages_3"
+    name: str  # its key in that dict: the path of the module whose output it is, e.g. "stages_3"
     stride: int  # reduction relative to the input
     channels: int
 

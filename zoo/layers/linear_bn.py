@@ -44,8 +44,8 @@ class LinearBn(nn.Module):
 class Conv2dBn(nn.Module):
     """Conv2d (no bias) -> BatchNorm [-> act]; `deploy=True`: one Conv2d with a bias [-> act].
 
-    The optional activation makes the module's output the feature map a stem stage hands on (what a capture of this
-    module's path returns); it is not part of the fusion.
+    The optional activation makes the module's output the feature map a stem stage hands on (LeViT's `stem/conv1`
+    feature is this module's output); it is not part of the fusion.
     """
 
     features: int

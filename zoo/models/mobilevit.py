@@ -32,9 +32,6 @@ from zoo.models.heads import ClassifierHead
 from zoo.models.mobilenet_base import make_divisible
 from zoo.registry import register_model
 
-ModuleDef = Any
-
-
 @dataclass(frozen=True, kw_only=True)
 class StageSpec:
     """One row of the paper's table, one stage.
@@ -114,6 +111,7 @@ def feature_info(stages: Stages, stem_chs: int = 16) -> tuple[FeatureInfo, ...]:
 
 
 def make_block(b: BlockCfg, drop_path_rate: float, *, conv, norm, dense, act: str, dtype, name: str) -> nn.Module:
+    """The module of one resolved block, from the shared block library."""
     s = b.spec
     if b.kind == "ir":
         return InvertedResidual(s.out, b.mid_chs, conv, norm, kernel=s.kernel, stride=b.stride, act=act,
