@@ -63,6 +63,14 @@ re-parameterization/quantization conflict of QARepVGG, arXiv:2212.01593). Measur
 at 10.0 dB without bias correction). Its bars (`BARS`) are therefore set below the measurements with room for
 another CPU: dynamic >= 84% with every decisive crop agreeing, int8 >= 55% and >= 6 dB. No offline MobileOne weights
 exist here, so how trained weights quantize is not measured.
+
+LeViT (levit_128s, random weights, 128x128; its attention and the head's classifiers stay float in int8 by their layer
+kinds) keeps its decisions but not its logits: measured on the AMD EPYC, 64 crops, fp16 100% top-1 agreement at
+21.8 dB, dynamic 98.4% at 13.1 dB, int8 98.4% at 7.7 dB (7.3 dB with the head's BatchNorms calibrated on the crops).
+Even fp16 stays near 20 dB, so the random network, not int8, sets that SQNR: the random LeViT amplifies rounding as
+timm's does (tests/test_levit.py). Its int8 bar (`BARS`): >= 90% agreement (95% on decisive crops, the shared random-weight rule), >= 6 dB;
+measured: one of 60 decisive crops flipped (JAX margin 1.8 on logits up to 97).
+No offline LeViT weights exist here either.
 """
 
 from __future__ import annotations
@@ -220,6 +228,25 @@ def _backbone_draws(name: str, variables: dict, hw: int) -> dict:
     return out
 
 
+def _identity_head_norms(variables: dict) -> dict:
+    """The head's BatchNorms (LeViT normalizes pooled features before its classifiers) as identities: statistics from
+    32 crops of 4 photos make them divide by a near-zero spread, which no trained network does and which amplifies
+    every rounding error (fp16 logits of LeViT-128S: 18.7 dB)."""
+    from flax import traverse_util
+
+    def identity(col):
+        def fix(path, leaf):
+            if path[0] != "head":
+                return leaf
+            value = {"scale": 1.0, "var": 1.0}.get(path[-1], 0.0) if path[-1] in ("scale", "bias", "mean", "var") \
+                and any("bn" in p for p in path[1:-1]) else None
+            return leaf if value is None else np.full(np.shape(leaf), value, np.float32)
+        flat = traverse_util.flatten_dict(variables[col])
+        return traverse_util.unflatten_dict({k: fix(k, v) for k, v in flat.items()})
+
+    return {col: identity(col) for col in variables}
+
+
 def _photo_classifier(name: str, hw: int, photos):
     """Random weights, BN statistics from photo crops, and every classifier layer of the head set to the
     nearest-class-mean classifier of its own input over the 4 photos (see module doc)."""
@@ -230,7 +257,7 @@ def _photo_classifier(name: str, hw: int, photos):
     variables = _backbone_draws(name, random_variables(module, (1, hw, hw, 3)), hw)
     crops, y = _crops(photos, 2, 8)
     x = preprocess(crops, cfg)
-    variables = calibrate_batch_stats(module, variables, x)
+    variables = _identity_head_norms(calibrate_batch_stats(module, variables, x))
     params = traverse_util.flatten_dict(variables["params"], sep="/")
     inputs = _classifier_inputs(module, variables, x)
     assert inputs, f"{name}: no classifier layer with {len(PHOTOS)} outputs found in its head"
@@ -266,8 +293,10 @@ _SETUPS: dict = {}
 # Verification crops (module doc): 64 from seed 0; the families with real weights get 192 more (seeds 100-102), since
 # on 64 crops one flipped near-tie moves agreement by 1.6 points.
 VERIFY_SEEDS = {"pretrained": (0, 100, 101, 102), "random": (0,)}
-# (family, quantization): (top-1 agreement, SQNR dB) floors where the shared ones do not hold (module doc)
-BARS = {("mobileone", "dynamic"): (0.84, 15.0), ("mobileone", "int8"): (0.55, 6.0)}
+# (family, quantization): (top-1 agreement, SQNR dB, agreement on decisive crops) floors where the shared ones do
+# not hold (module doc)
+BARS = {("mobileone", "dynamic"): (0.84, 15.0, 1.0), ("mobileone", "int8"): (0.55, 6.0, 1.0),
+        ("levit", "int8"): (0.9, 6.0, 0.95)}
 # the stages whose residual streams int8 exports split by rows (to_tflite's default "auto", export.row_split)
 INT8_SPLIT_TOP_ROW = {"mobilenetv2": "stages_5/"}
 
@@ -316,9 +345,9 @@ def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_
         assert v.sqnr_db >= 21.5 and v.top1_agreement >= 0.89
         assert v.decisive_agreement == 1.0  # flips at near-ties only
         assert res.ops.ops.get("SLICE", 0) >= 6 and res.ops.ops.get("CONCATENATION", 0) >= 3
-    elif (family, quantization) in BARS:  # deploy-form MobileOne (module doc)
-        min_agreement, min_sqnr = BARS[family, quantization]
-        assert v.decisive_agreement in (None, 1.0)
+    elif (family, quantization) in BARS:  # deploy-form MobileOne, random LeViT (module doc)
+        min_agreement, min_sqnr, min_decisive = BARS[family, quantization]
+        assert v.decisive_agreement is None or v.decisive_agreement >= min_decisive
         assert v.top1_agreement >= min_agreement and v.sqnr_db >= min_sqnr
     elif quantization != "int8" or weights == "pretrained":
         assert v.top1_agreement >= 0.95
@@ -328,7 +357,7 @@ def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_
     if quantization == "int8":
         assert res.ops.quantized_activations
         assert "HARD_SWISH" not in res.ops.ops  # rewritten for XNNPACK (export.rewrites)
-        if int8_float_pattern(module, variables):  # LayerNorm and attention kept float (their layer kinds)
+        if int8_float_pattern(module, variables, (1, *cfg.input_size, 3)):  # LayerNorm, attention kept float (kinds)
             assert len(res.ops.float_islands) > 0
         else:
             assert not res.ops.float_islands
