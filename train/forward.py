@@ -39,7 +39,9 @@ class Forward:
         """The backbone's dict of named outputs (`module.apply(..., features=True)`, see `zoo.models.heads`).
 
         Runs with the same train flag and dropout rng as `__call__`, so on the same input it sees what the call that
-        gives the output sees (XLA shares the common computation); the statistics kept are that call's, not these.
+        gives the output sees; the statistics kept are that call's, not these. It is a second application of the
+        network in the traced step: XLA can merge the identical forward computation, but gradients flow back
+        through both.
         A module outside the zoo that returns its maps as a list is keyed by its `feature_info` names, in order.
         """
         out = self._apply(x, features=True)
