@@ -60,8 +60,10 @@ the block has an identity branch its kernel's centre tap carries a diagonal of ~
 entries ~1/sqrt(channels), so one per-channel int8 scale leaves the off-diagonal weights a few levels (the
 re-parameterization/quantization conflict of QARepVGG, arXiv:2212.01593). Measured on the AMD EPYC, 64 crops: dynamic
 89.1% top-1 agreement at 22.2 dB (flips at JAX margins <= 0.41 only; 79.7% without bias correction), int8 62.5% at 8.4 dB (68.8%
-at 10.0 dB without bias correction). Its bars (`BARS`) are therefore set below the measurements with room for
-another CPU: dynamic >= 84% with every decisive crop agreeing, int8 >= 55% and >= 6 dB. No offline MobileOne weights
+at 10.0 dB without bias correction); on an Intel Xeon (AVX-512) the same exports gave dynamic 84.4% at 22.2 dB (the
+same SQNR: three more near-ties flipped, none at a margin above 0.41) and int8 62.5% at 8.5 dB. Its bars (`BARS`) are
+therefore set below both CPUs' measurements: dynamic >= 80% with every decisive crop agreeing, int8 >= 55% and
+>= 6 dB. No offline MobileOne weights
 exist here, so how trained weights quantize is not measured.
 
 LeViT (levit_128s, random weights, 128x128; its attention and the head's classifiers stay float in int8 by their layer
@@ -295,7 +297,7 @@ _SETUPS: dict = {}
 VERIFY_SEEDS = {"pretrained": (0, 100, 101, 102), "random": (0,)}
 # (family, quantization): (top-1 agreement, SQNR dB, agreement on decisive crops) floors where the shared ones do
 # not hold (module doc)
-BARS = {("mobileone", "dynamic"): (0.84, 15.0, 1.0), ("mobileone", "int8"): (0.55, 6.0, 1.0),
+BARS = {("mobileone", "dynamic"): (0.80, 15.0, 1.0), ("mobileone", "int8"): (0.55, 6.0, 1.0),
         ("levit", "int8"): (0.9, 6.0, 0.95)}
 # the stages whose residual streams int8 exports split by rows (to_tflite's default "auto", export.row_split)
 INT8_SPLIT_TOP_ROW = {"mobilenetv2": "stages_5/"}
