@@ -242,3 +242,32 @@ def test_the_task_adapts_a_loaded_model_and_unknown_kinds_are_named():
         train.apply_overrides(train.TrainConfig(), ["task.kind=detector"])
     with pytest.raises(train.ConfigError, match=r"unknown config key 'task.max_boxes'.*task.kind=classification"):
         train.apply_overrides(train.TrainConfig(), ["task.max_boxes=3"])
+
+
+def test_distillation_hands_the_wrapped_tasks_pipeline_through():
+    """The distillation wrapper trains the wrapped task: its kind, targets, transforms, collation and adaptation."""
+    import zoo
+    from train.distill import Distillation
+    from train.tasks import Classification
+
+    class Marked(Classification):
+        def transforms(self, data, model_cfg):
+            return ("train-tf", "eval-tf")
+
+        def adapt(self, module, base, model_cfg):
+            return {"adapted": True}
+
+    inner = Marked(3)
+    from reference import random_variables
+    from zoo.registry import get_entry
+
+    module = zoo.create_model("mobilenetv3_small_050", num_classes=3)  # random variables: no init compile
+    cfg = get_entry("mobilenetv3_small_050").cfg.replace(num_classes=3)
+    teacher = zoo.Model(module, random_variables(module, (1, 32, 32, 3)), cfg)
+    task = Distillation(inner, teacher, teacher.cfg)
+    assert task.kind == inner.kind and task.target_keys == inner.target_keys
+    assert task.transforms(None, teacher.cfg) == ("train-tf", "eval-tf")
+    assert task.adapt(None, None, teacher.cfg) == {"adapted": True}
+    examples = [{"image": np.zeros((4, 4, 3), np.float32), "label": i} for i in range(2)]
+    batch = task.collate(examples, np.ones(2, bool), None)
+    np.testing.assert_array_equal(batch["label"], [0, 1])

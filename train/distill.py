@@ -40,12 +40,26 @@ class Distillation(Task):
                              f"student {student_cfg.num_classes}: logit distillation needs the same classes "
                              "(fine-tune the teacher on this data first)")
 
-    # host side and evaluation: the wrapped task's
+    # host side, model adaptation and evaluation: the wrapped task's
+    @property
+    def kind(self) -> str:
+        return self.task.kind
+
+    @property
+    def target_keys(self) -> tuple[str, ...]:
+        return self.task.target_keys
+
+    def transforms(self, data, model_cfg):
+        return self.task.transforms(data, model_cfg)
+
     def validate(self, source, model_cfg, **kw):
         self.task.validate(source, model_cfg, **kw)
 
-    def collate(self, images, labels, rng):
-        return self.task.collate(images, labels, rng)
+    def collate(self, examples, valid, rng):
+        return self.task.collate(examples, valid, rng)
+
+    def adapt(self, module, base, model_cfg):
+        return self.task.adapt(module, base, model_cfg)
 
     def eval_sums(self, forward, batch):
         return self.task.eval_sums(forward, batch)
