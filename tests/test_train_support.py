@@ -37,8 +37,8 @@ def tiny_model(num_classes: int = 10, size: int = 16, in_chans: int = 3, bn: boo
             if self.use_bn:
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
             x = _Block(16, name="stages_0")(x)
-            if features:
-                return [x]
+            if features:  # the backbone's dict (zoo.models.heads)
+                return {"stages_0": x, "pre_logits": x.mean((1, 2))}
             x = x.mean((1, 2))
             x = nn.Dropout(self.drop, deterministic=not train)(x)
             return nn.Dense(self.num_classes, name="head")(x)

@@ -103,8 +103,8 @@ class Distillation(Task):
         metrics = {**metrics, "task_loss": loss, "kd_loss": kd}
         if self.pairs:
             # named outputs of both backbones (`features=True`), on the inputs the logits came from
-            s_feats = forward.features(batch["image"], [f.name for f in self.student_cfg.feature_info])
-            t_feats = teacher.features(t_x, [f.name for f in self.teacher.cfg.feature_info])
+            s_feats = forward.features(batch["image"])
+            t_feats = teacher.features(t_x)
             feat = 0.0
             for i, (s, t) in enumerate(self.pairs):
                 fs = s_feats[s].astype(jnp.float32)

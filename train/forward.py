@@ -3,7 +3,7 @@ state, named outputs). Tasks and distillation call the network only through it."
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -35,22 +35,18 @@ class Forward:
         self.output = out
         return out
 
-    def features(self, x, feature_info: Sequence[str] = ()) -> dict[str, jax.Array]:
+    def features(self, x) -> dict[str, jax.Array]:
         """The backbone's dict of named outputs (`module.apply(..., features=True)`, see `zoo.models.heads`).
 
         Runs with the same train flag and dropout rng as `__call__`, so on the same input it sees what the call that
         gives the output sees; the statistics kept are that call's, not these. It is a second application of the
         network in the traced step: XLA can merge the identical forward computation, but gradients flow back
         through both.
-        A module outside the zoo that returns its maps as a list is keyed by its `feature_info` names, in order.
         """
         out = self._apply(x, features=True)
         if self.train:
             out, _ = out
-        if isinstance(out, Mapping):
-            return dict(out)
-        if len(out) != len(feature_info):
-            raise ValueError(f"{type(self.module).__name__} returned {len(out)} feature maps for the "
-                             f"{len(feature_info)} feature_info names {list(feature_info)}; return a dict keyed by "
-                             "feature_info names")
-        return dict(zip(feature_info, out))
+        if not isinstance(out, Mapping):
+            raise TypeError(f"{type(self.module).__name__}(x, features=True) returned {type(out).__name__}; a model "
+                            "returns its named outputs as a dict keyed by its feature_info names and 'pre_logits'")
+        return dict(out)
