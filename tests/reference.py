@@ -117,11 +117,18 @@ def calibrate_batchnorm(model, x_nchw) -> None:
     where a block sums several BN branches (MobileOne: 2-6, over 40+ blocks), fixed statistics let activations grow
     ~3x per block to ~1e7, and float32 logits of any implementation then differ by ~1e-4. The affine parameters keep
     their perturbed values, so a conversion mistake in them still shows.
+
+    A BatchNorm that sees fewer than `MIN_SAMPLES` values per channel (a classifier's BatchNorm over the pooled
+    features of two images, as LeViT's) keeps the statistics it had: taken from two nearly equal vectors, the variance
+    is ~1e-3 and dividing by it amplifies every rounding error (LeViT-256: twin fp32 off its float64 by 2e-2).
     """
     import torch
 
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    samples: dict[int, int] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: samples.__setitem__(id(mod), args[0].numel()
+                                                                               // mod.num_features)) for m in bns]
     was_training = model.training
     for m in bns:
         m.reset_running_stats()
@@ -129,9 +136,16 @@ def calibrate_batchnorm(model, x_nchw) -> None:
     model.train()
     with torch.no_grad():
         model(x_nchw)
-    for m, momentum in zip(bns, momenta):
+    for m, (momentum, mean, var), hook in zip(bns, saved, hooks):
+        hook.remove()
         m.momentum = momentum
+        if samples.get(id(m), 0) < MIN_SAMPLES:
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
     model.train(was_training)
+
+
+MIN_SAMPLES = 16  # values per channel below which `calibrate_batchnorm` leaves a BatchNorm's statistics alone
 
 
 def scale_classifier_to_trained_spread(model, x_nchw, target_std: float = 3.0) -> None:

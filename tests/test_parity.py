@@ -1,7 +1,8 @@
 """Tier 3: the twin's (timm/torchvision) weights converted to the zoo give the twin's logits within 1e-4 (fp32,
 default resolution). The checkpoint goes through the whole user path: torch.save -> zoo.load(weights=file).
-BatchNorm affine parameters are perturbed and running statistics set from the test images
-(`reference.calibrate_batchnorm`), so activations keep a trained network's scale in every architecture.
+BatchNorm affine parameters and statistics are perturbed; where activations then grow through the network (MobileOne),
+running statistics are set from the test images (`reference.calibrate_batchnorm`), so activations keep a trained
+network's scale in every architecture.
 
 The zoo (float32) must be within 1e-4 of the twin in float32. Where it is not, the twin is evaluated in float64 as
 the exact reference: for deep high-resolution models (EfficientNet-Lite3/4) the twin's own float32 result is ~1.3e-4
@@ -20,6 +21,10 @@ from reference import (calibrate_batchnorm, perturb_batchnorm, random_images, sc
                        twin_model)
 
 PARITY = [n for n in zoo.list_models() if get_entry(n).cfg.twin]
+# Logits above this with the perturbed statistics mean activations grew through the network (MobileOne: ~1e7), where
+# float32 logits of any implementation differ by more than 1e-4; below it the perturbed statistics are kept, as
+# statistics taken from two test images make some twins chaotic (LeViT: fp32 off its float64 by 4e-3 to 2e-2).
+GROWN = 1e3
 
 
 @pytest.mark.parity
@@ -30,7 +35,10 @@ def test_converted_twin_matches_logits(name, tmp_path):
     perturb_batchnorm(twin)
     x = random_images(2, cfg.input_size)
     x_nchw = torch.from_numpy(x.transpose(0, 3, 1, 2))
-    calibrate_batchnorm(twin, x_nchw)
+    with torch.inference_mode():
+        grown = float(twin(x_nchw).abs().max())
+    if grown > GROWN:  # fixed statistics let activations grow (MobileOne's summed branches): take them from x
+        calibrate_batchnorm(twin, x_nchw)
     scale_classifier_to_trained_spread(twin, x_nchw)
     path = tmp_path / "twin.pth"
     torch.save(twin.state_dict(), path)
