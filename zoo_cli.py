@@ -54,7 +54,8 @@ def _cmd_info(args) -> int:
     if not info["pretrained"]:
         print("  pretrained  none")
     for p in info["pretrained"]:
-        acc = f"top-1 {p['top1']:.2f} / top-5 {p['top5']:.2f}" if p["top1"] is not None else "accuracy n/a"
+        scores = [f"{k} {p[key]:.2f}" for k, key in (("top-1", "top1"), ("top-5", "top5")) if p[key] is not None]
+        acc = " / ".join(scores) or "accuracy n/a"  # a source may publish top-1 only (LeViT, MobileOne)
         print(f"  .{p['tag']:<22} {acc} at {p['input_size'][0]}px, license {p['license']}")
         for s in p["sources"]:
             print(f"      {s}")

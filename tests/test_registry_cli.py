@@ -9,6 +9,8 @@ import zoo_cli as cli
 from zoo import registry
 from zoo.config import ModelCfg
 
+from architectures import families
+
 
 def test_unknown_name_suggests_close_matches():
     with pytest.raises(zoo.UnknownModelError, match="Did you mean: mobilenetv3_large_100"):
@@ -43,6 +45,16 @@ def test_cli_list_and_info(capsys):
     assert cli.main(["info", "mobilevit_xxs"]) == 0
     out = capsys.readouterr().out
     assert "1,272,024" in out and "top-1 68.94" in out and "256x256" in out
+
+
+@pytest.mark.parametrize("family", sorted(families()))
+def test_cli_info_of_every_family(family, capsys):
+    """Every family's record prints, whatever its sources publish (LeViT and MobileOne give top-1 only)."""
+    name = families()[family][0]
+    assert cli.main(["info", name]) == 0
+    out = capsys.readouterr().out
+    assert f"{zoo.model_info(name)['params']:,}" in out and "train form" in out and "deploy form" in out
+    assert "top-1" in out or "accuracy n/a" in out or "pretrained  none" in out
 
 
 def test_cli_unknown_model_is_one_line_error(capsys):
