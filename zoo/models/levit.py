@@ -191,7 +191,9 @@ class _HeadPair(nn.Module):
 class DistilledHead(nn.Module):
     """Two BatchNorm -> dropout -> Linear heads on the same pooled features, logits averaged (timm's NormLinear
     `head` and `head_dist`, LevitDistilled's output), on the backbone dict's `pre_logits` (`zoo.models.heads`).
-    `deploy=True`: one Dense (`fc`) computing the average. `num_classes=0`: the pooled features."""
+    `deploy=True`: each BatchNorm folded into its Linear, the two kept, as the official LeViT code fuses them (one
+    Dense could compute the average with one classifier's parameters fewer).
+    `num_classes=0`: the pooled features."""
 
     num_classes: int
     drop_rate: float = 0.0
@@ -205,7 +207,8 @@ class DistilledHead(nn.Module):
         if self.num_classes <= 0:
             return x
         if self.deploy:
-            return self.dense(self.num_classes, name="fc")(x).astype(jnp.float32)
+            y, y_dist = _HeadPair(self.num_classes, self.dense, name="fc")(x, x)
+            return ((y + y_dist) / 2).astype(jnp.float32)
         y = self.norm(use_running_average=not train, name="bn")(x)
         y_dist = self.norm(use_running_average=not train, name="bn_dist")(x)
         y = nn.Dropout(self.drop_rate)(y, deterministic=not train)
@@ -216,17 +219,17 @@ class DistilledHead(nn.Module):
     @staticmethod
     def reparameterize(variables: dict, *, eps: float = BN_EPS_TORCH) -> dict:
         """Training-form variables ({"params", "batch_stats"}, the head's subtree) -> the deploy form's: each
-        BatchNorm folded into the Dense after it, x (t W) + (s W + b), and the two averaged. float64, stored float32."""
+        BatchNorm folded into the Dense after it, x (t W) + (s W + b). float64, stored float32."""
         params, stats = variables["params"], variables.get("batch_stats", {})
         if "bn" not in params:
             raise ValueError("DistilledHead.reparameterize: no `bn` in the variables (already deployed?)")
-        kernel, bias = 0.0, 0.0
-        for bn, fc in (("bn", "head"), ("bn_dist", "head_dist")):
+        fc = {}
+        for bn, name in (("bn", "head"), ("bn_dist", "head_dist")):
             t, s = bn_affine(params[bn], stats[bn], eps)
-            w = np.asarray(params["fc"][fc]["kernel"], np.float64)
-            kernel = kernel + t[:, None] * w / 2
-            bias = bias + (s @ w + np.asarray(params["fc"][fc]["bias"], np.float64)) / 2
-        return {"params": {"fc": {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}}}
+            w = np.asarray(params["fc"][name]["kernel"], np.float64)
+            fc[name] = {"kernel": (t[:, None] * w).astype(np.float32),
+                        "bias": (s @ w + np.asarray(params["fc"][name]["bias"], np.float64)).astype(np.float32)}
+        return {"params": {"fc": fc}}
 
 
 def _reparameterize_head(module: DistilledHead, variables: dict) -> dict:
@@ -241,8 +244,8 @@ kinds.register(DistilledHead, kinds.LayerKind("reparam", reparameterize=_reparam
 class LeViT(nn.Module):
     """Backbone (Stem16 -> stages, NHWC maps, the first stage at 1/16 -> mean over positions: `pre_logits`) +
     distilled head. `features=True`: the backbone's dict (`zoo.models.heads`).
-    `deploy=True`: every Linear/conv+BN is one Dense/conv with a bias and the head one Dense
-    (the variables `compress.deploy.reparameterize` gives)."""
+    `deploy=True`: every Linear/conv+BN is one Dense/conv with a bias, and each classifier's BatchNorm is folded
+    into its Linear (the variables `compress.deploy.reparameterize` gives)."""
 
     stages: Stages
     key_dim: int
