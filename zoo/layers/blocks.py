@@ -147,6 +147,39 @@ class InvertedResidual(nn.Module):
         return x
 
 
+class EdgeResidual(nn.Module):
+    """kxk conv expand -> BN -> act -> [SE] -> pw linear -> BN [+ skip] ('er': the fused MBConv of EfficientNetV2 and
+    MobileNetV4's FusedIB): the inverted residual with its pw expansion and dw conv fused into one full conv."""
+
+    out_chs: int
+    mid_chs: int
+    conv: ModuleDef
+    norm: ModuleDef
+    kernel: int = 3
+    stride: int = 1
+    act: str = "relu"
+    se_chs: int = 0
+    se_act: str = "relu"
+    se_gate: str = "sigmoid"
+    noskip: bool = False
+    drop_path_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        in_chs = x.shape[-1]
+        shortcut = x
+        act = get_act(self.act)
+        x = self.conv(self.mid_chs, self.kernel, stride=self.stride, name="conv_exp")(x)
+        x = act(self.norm(use_running_average=not train, name="bn1")(x))
+        if self.se_chs:
+            x = SqueezeExcite(self.se_chs, self.conv, self.se_act, self.se_gate, name="se")(x)
+        x = self.conv(self.out_chs, 1, name="conv_pwl")(x)
+        x = self.norm(use_running_average=not train, name="bn2")(x)
+        if self.stride == 1 and in_chs == self.out_chs and not self.noskip:
+            x = drop_path(x, self.drop_path_rate, train, self) + shortcut
+        return x
+
+
 class Stage(nn.Module):
     """Blocks `block_0`, `block_1`, ... in sequence: `make(spec, drop_path_rate, name=...)` builds each from its spec.
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from zoo.config import FeatureInfo
 from zoo.inputs import check_images
 from zoo.layers.activations import get_act
-from zoo.layers.blocks import ConvNormAct, DepthwiseSeparable, InvertedResidual, Stage
+from zoo.layers.blocks import ConvNormAct, DepthwiseSeparable, EdgeResidual, InvertedResidual, Stage
 from zoo.models.backbone import feature_dict, layer_factories, stage_feature_info
 from zoo.models.heads import classify
 
@@ -37,12 +37,12 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, rou
 class BlockSpec:
     """One row of a stage table: `repeat` blocks of `kind` to width `out`, the first with `stride`.
 
-    kind: "ds" (depthwise-separable), "ir" (inverted residual expanding the input width by `expand`) or "cn" (conv,
-    BN, act). `se`: squeeze-excite ratio (0: none); `act` overrides the network activation for these blocks (e.g.
+    kind: "ds" (depthwise-separable), "ir" (inverted residual expanding the input width by `expand`), "er" (edge
+    residual: the fused inverted residual, one kxk conv expanding by `expand`) or "cn" (conv, BN, act). `se`: squeeze-excite ratio (0: none); `act` overrides the network activation for these blocks (e.g.
     ReLU in MobileNetV3's early stages).
     """
 
-    kind: Literal["ds", "ir", "cn"]
+    kind: Literal["ds", "ir", "er", "cn"]
     repeat: int
     kernel: int
     stride: int
@@ -109,7 +109,7 @@ def resolve_stages(
         blocks = []
         for j, spec in enumerate(_scale_depth(specs, 1.0 if fixed else depth)):
             out_chs = make_divisible(spec.out * width)
-            mid_chs = make_divisible(in_chs * spec.expand) if spec.kind == "ir" else in_chs
+            mid_chs = make_divisible(in_chs * spec.expand) if spec.kind in ("ir", "er") else in_chs
             se_chs = 0
             if spec.se:
                 ratio = spec.se if se_from_exp else spec.se / spec.expand
@@ -132,13 +132,15 @@ def feature_info(stages: tuple[tuple[Block, ...], ...], stem_stride: int = 2) ->
 
 
 def make_block(b: Block, drop_path_rate: float, *, conv, norm, se_act: str, se_gate: str, name: str) -> nn.Module:
-    """The module of one resolved block ('cn', 'ds' or 'ir'), from the shared block library."""
+    """The module of one resolved block ('cn', 'ds', 'ir' or 'er'), from the shared block library."""
     common = dict(conv=conv, norm=norm, kernel=b.kernel, stride=b.stride, act=b.act, name=name)
     if b.kind == "cn":
         return ConvNormAct(b.out_chs, **common, norm_name="bn1")
     se = dict(se_chs=b.se_chs, se_act=se_act, se_gate=se_gate, drop_path_rate=drop_path_rate)
     if b.kind == "ds":
         return DepthwiseSeparable(b.out_chs, **common, **se)
+    if b.kind == "er":
+        return EdgeResidual(b.out_chs, b.mid_chs, **common, **se)
     return InvertedResidual(b.out_chs, b.mid_chs, **common, **se)
 
 
