@@ -9,6 +9,10 @@ then applies optional squeeze-excite (`se`) and the activation. Every branch is 
 one kxk convolution with a bias (`reparam_conv`): the deploy form, built with `deploy=True`. The names mirror timm's
 (`conv_kxk.{i}.conv`, `conv_scale.bn`, `identity`, `reparam_conv`), so a timm checkpoint of either form maps 1:1.
 
+RepVGG's block (Ding et al., arXiv:2101.03697, Fig. 2) is this block with one 3x3 branch (`num_conv_branches=1`):
+timm's RepVggBlock names its branches `conv_kxk`/`conv_1x1`, which `zoo.models.repvgg.timm_rename` maps onto
+`conv_kxk_0`/`conv_scale`.
+
 MobileOne stacks these as a depthwise kxk block (groups == channels) followed by a pointwise 1x1 block; the fusion is
 written for any grouping: a grouped kernel is (k, k, in/groups, out) in HWIO, and the identity is the kxk kernel that
 picks input channel `o` (position `o % (in/groups)` within its group) for output `o` at the centre tap.
