@@ -39,7 +39,8 @@ class BlockSpec:
 
     kind: "ds" (depthwise-separable), "ir" (inverted residual expanding the input width by `expand`), "er" (edge
     residual: the fused inverted residual, one kxk conv expanding by `expand`) or "cn" (conv, BN, act). `se`: squeeze-excite ratio (0: none); `act` overrides the network activation for these blocks (e.g.
-    ReLU in MobileNetV3's early stages).
+    ReLU in MobileNetV3's early stages). `pw_act`: a 'ds' block activates its pointwise output too (timm's 'dsa',
+    MobileNetV1 and LCNet); `noskip`: no residual even where the shapes allow one.
     """
 
     kind: Literal["ds", "ir", "er", "cn"]
@@ -50,6 +51,8 @@ class BlockSpec:
     expand: float = 1.0
     se: float = 0.0
     act: str | None = None
+    pw_act: bool = False
+    noskip: bool = False
 
 
 def stage(*rows: BlockSpec, **row) -> tuple[BlockSpec, ...]:
@@ -74,6 +77,8 @@ class Block:
     stride: int
     act: str
     se_chs: int
+    pw_act: bool = False
+    noskip: bool = False
 
 
 def _scale_depth(specs: tuple[BlockSpec, ...], multiplier: float) -> list[BlockSpec]:
@@ -100,24 +105,28 @@ def resolve_stages(
     fix_first_last: bool = False,
     se_from_exp: bool = False,
     se_round: Literal["round", "divisible"] = "round",
+    round_limit: float = 0.9,
 ) -> tuple[tuple[Block, ...], ...]:
-    """Expand a stage table into concrete blocks (timm's `decode_arch_def` + `EfficientNetBuilder` semantics)."""
+    """Expand a stage table into concrete blocks (timm's `decode_arch_def` + `EfficientNetBuilder` semantics).
+
+    `round_limit`: how far below the scaled width a rounded output or squeeze-excite width may fall (timm's
+    `round_channels`; FBNetV3 uses 0.95). Expanded widths always use 0.9, as timm's blocks do."""
     in_chs = stem_chs
     stages = []
     for i, specs in enumerate(table):
         fixed = fix_first_last and i in (0, len(table) - 1)
         blocks = []
         for j, spec in enumerate(_scale_depth(specs, 1.0 if fixed else depth)):
-            out_chs = make_divisible(spec.out * width)
+            out_chs = make_divisible(spec.out * width, round_limit=round_limit)
             mid_chs = make_divisible(in_chs * spec.expand) if spec.kind in ("ir", "er") else in_chs
             se_chs = 0
             if spec.se:
                 ratio = spec.se if se_from_exp else spec.se / spec.expand
                 rd = mid_chs * ratio
-                se_chs = make_divisible(rd) if se_round == "divisible" else round(rd)
+                se_chs = make_divisible(rd, round_limit=round_limit) if se_round == "divisible" else round(rd)
             blocks.append(
                 Block(spec.kind, in_chs, out_chs, mid_chs, spec.kernel, spec.stride if j == 0 else 1,
-                      spec.act or act, se_chs)
+                      spec.act or act, se_chs, spec.pw_act, spec.noskip)
             )
             in_chs = out_chs
         stages.append(tuple(blocks))
@@ -138,10 +147,10 @@ def make_block(b: Block, drop_path_rate: float, *, conv, norm, se_act: str, se_g
         return ConvNormAct(b.out_chs, **common, norm_name="bn1")
     se = dict(se_chs=b.se_chs, se_act=se_act, se_gate=se_gate, drop_path_rate=drop_path_rate)
     if b.kind == "ds":
-        return DepthwiseSeparable(b.out_chs, **common, **se)
+        return DepthwiseSeparable(b.out_chs, **common, **se, pw_act=b.pw_act, noskip=b.noskip)
     if b.kind == "er":
-        return EdgeResidual(b.out_chs, b.mid_chs, **common, **se)
-    return InvertedResidual(b.out_chs, b.mid_chs, **common, **se)
+        return EdgeResidual(b.out_chs, b.mid_chs, **common, **se, noskip=b.noskip)
+    return InvertedResidual(b.out_chs, b.mid_chs, **common, **se, noskip=b.noskip)
 
 
 class MobileNetHead(nn.Module):
@@ -150,7 +159,9 @@ class MobileNetHead(nn.Module):
     backbone's `pre_logits`), then on the backbone's dict for the logits.
 
     head_type "efficientnet": 1x1 conv + BN + act, then global pool (MobileNetV2, EfficientNet).
-    head_type "mobilenetv3": global pool, then 1x1 conv with bias + act, no BN (MobileNetV3).
+    head_type "mobilenetv3": global pool, then 1x1 conv (with bias unless `head_bias=False`) + act, no BN
+    (MobileNetV3; FBNetV3 without the bias).
+    head_type "pool": global pool only, `num_features` is the last stage's width (MobileNetV1 without a head conv).
     """
 
     num_features: int
@@ -161,6 +172,7 @@ class MobileNetHead(nn.Module):
     norm: Any
     dense: Any = nn.Dense
     drop_rate: float = 0.0
+    head_bias: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False, pre_logits: bool = False):
@@ -170,9 +182,11 @@ class MobileNetHead(nn.Module):
                 x = self.conv(self.num_features, 1, name="conv")(x)
                 x = act(self.norm(use_running_average=not train, name="bn")(x))
                 x = jnp.mean(x, axis=(1, 2), keepdims=True)
+            elif self.head_type == "pool":
+                x = jnp.mean(x, axis=(1, 2), keepdims=True)
             else:
                 x = jnp.mean(x, axis=(1, 2), keepdims=True)
-                x = act(self.conv(self.num_features, 1, use_bias=True, name="conv")(x))
+                x = act(self.conv(self.num_features, 1, use_bias=self.head_bias, name="conv")(x))
             return x.reshape(x.shape[0], -1)
         return classify(x, self.num_classes, self.drop_rate, self.dense, train)  # `head/fc`
 
@@ -187,7 +201,7 @@ class MobileNet(nn.Module):
     stages: tuple[tuple[Block, ...], ...]
     stem_chs: int
     num_features: int
-    head_type: Literal["efficientnet", "mobilenetv3"]
+    head_type: Literal["efficientnet", "mobilenetv3", "pool"]
     act: str
     se_act: str = "relu"
     se_gate: str = "sigmoid"
@@ -197,6 +211,7 @@ class MobileNet(nn.Module):
     in_chans: int = 3
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    head_bias: bool = True  # the "mobilenetv3" head conv's bias
     dtype: Any = None  # compute dtype (e.g. jnp.bfloat16); parameters stay float32
     # injected layer factories (None: the defaults; see `zoo.models.backbone.layer_factories`)
     conv: Any = None
@@ -222,7 +237,7 @@ class MobileNet(nn.Module):
             if f"stages_{i}" in names:
                 maps.append(x)
         head = MobileNetHead(self.num_features, self.num_classes, self.head_type, self.act, conv, norm, dense,
-                             self.drop_rate, name="head")
+                             self.drop_rate, self.head_bias, name="head")
         feats = feature_dict(names, maps, head(x, train, pre_logits=True))
         if features:
             return feats
