@@ -53,6 +53,7 @@ class BlockSpec:
     act: str | None = None
     pw_act: bool = False
     noskip: bool = False
+    skip: bool = False  # 'cn' only: add the input where the shapes allow (EfficientNetV2's first stage)
 
 
 def stage(*rows: BlockSpec, **row) -> tuple[BlockSpec, ...]:
@@ -79,13 +80,17 @@ class Block:
     se_chs: int
     pw_act: bool = False
     noskip: bool = False
+    skip: bool = False
 
 
-def _scale_depth(specs: tuple[BlockSpec, ...], multiplier: float) -> list[BlockSpec]:
-    """Scale the repeats of one stage (EfficientNet's ceil rule, distributed over rows from the last)."""
+def _scale_depth(specs: tuple[BlockSpec, ...], multiplier: float, trunc: str = "ceil") -> list[BlockSpec]:
+    """Scale the repeats of one stage (EfficientNet's ceil rule, or rounding, which keeps short stages short as in
+    TinyNet and MixNet-L; distributed over rows from the last)."""
+    if trunc not in ("ceil", "round"):
+        raise ValueError(f"depth_trunc must be 'ceil' or 'round', got {trunc!r}")
     repeats = [s.repeat for s in specs]
     total = sum(repeats)
-    scaled_total = int(math.ceil(total * multiplier))
+    scaled_total = int(math.ceil(total * multiplier)) if trunc == "ceil" else max(1, round(total * multiplier))
     scaled = []
     for r in repeats[::-1]:
         rs = max(1, round(r / total * scaled_total))
@@ -105,6 +110,7 @@ def resolve_stages(
     fix_first_last: bool = False,
     se_from_exp: bool = False,
     se_round: Literal["round", "divisible"] = "round",
+    depth_trunc: Literal["ceil", "round"] = "ceil",
     round_limit: float = 0.9,
 ) -> tuple[tuple[Block, ...], ...]:
     """Expand a stage table into concrete blocks (timm's `decode_arch_def` + `EfficientNetBuilder` semantics).
@@ -116,7 +122,7 @@ def resolve_stages(
     for i, specs in enumerate(table):
         fixed = fix_first_last and i in (0, len(table) - 1)
         blocks = []
-        for j, spec in enumerate(_scale_depth(specs, 1.0 if fixed else depth)):
+        for j, spec in enumerate(_scale_depth(specs, 1.0 if fixed else depth, depth_trunc)):
             out_chs = make_divisible(spec.out * width, round_limit=round_limit)
             mid_chs = make_divisible(in_chs * spec.expand) if spec.kind in ("ir", "er") else in_chs
             se_chs = 0
@@ -126,7 +132,7 @@ def resolve_stages(
                 se_chs = make_divisible(rd, round_limit=round_limit) if se_round == "divisible" else round(rd)
             blocks.append(
                 Block(spec.kind, in_chs, out_chs, mid_chs, spec.kernel, spec.stride if j == 0 else 1,
-                      spec.act or act, se_chs, spec.pw_act, spec.noskip)
+                      spec.act or act, se_chs, spec.pw_act, spec.noskip, spec.skip)
             )
             in_chs = out_chs
         stages.append(tuple(blocks))
@@ -144,7 +150,7 @@ def make_block(b: Block, drop_path_rate: float, *, conv, norm, se_act: str, se_g
     """The module of one resolved block ('cn', 'ds', 'ir' or 'er'), from the shared block library."""
     common = dict(conv=conv, norm=norm, kernel=b.kernel, stride=b.stride, act=b.act, name=name)
     if b.kind == "cn":
-        return ConvNormAct(b.out_chs, **common, norm_name="bn1")
+        return ConvNormAct(b.out_chs, **common, norm_name="bn1", skip=b.skip)
     se = dict(se_chs=b.se_chs, se_act=se_act, se_gate=se_gate, drop_path_rate=drop_path_rate)
     if b.kind == "ds":
         return DepthwiseSeparable(b.out_chs, **common, **se, pw_act=b.pw_act, noskip=b.noskip)
