@@ -1,4 +1,5 @@
-"""Every registered model exports to fp32 TFLite; every family's fp16 / dynamic / int8 exports agree with JAX (slow).
+"""Every registered model exports to fp32 TFLite; every family's int8 export (and fp16 / dynamic-range exports of the
+families that hold every kind of weight op) agree with JAX (slow).
 
 fp32, one model per distinct architecture of every registered family (`architectures.distinct_architectures`: the
 same family and the same ops, so width and depth multipliers, which change no op, share one export; the other names
@@ -324,8 +325,31 @@ def test_members_named_for_their_bars_are_registered():
     assert export_setup("efficientnet_lite") == ("tf_efficientnet_lite0", "pretrained", 224)
 
 
-@pytest.mark.parametrize("quantization", ["fp16", "dynamic", "int8"])
-@pytest.mark.parametrize("family", sorted(FAMILY_NAMES))
+# fp16 and dynamic-range exports change how the weights of convolutions and matrix products are stored, not which
+# ops run: these families together hold every kind of weight op the registry traces to (checked below), and are the
+# ones whose fp16/dynamic accuracy is measured (real weights; MobileOne's fused kernels; LeViT's attention; RegNet's
+# grouped, not depthwise, convolutions). Every family gets the full-int8 export, where families differ (float
+# islands, partitions, accuracy).
+WEIGHT_STORAGE_FAMILIES = ("efficientnet_lite", "levit", "mobilenetv2", "mobileone", "regnet")
+QUANTIZED = [(f, q) for f in sorted(FAMILY_NAMES) for q in ("fp16", "dynamic", "int8")
+             if q == "int8" or f in WEIGHT_STORAGE_FAMILIES]
+
+
+def _weight_ops(names: list[str]) -> set:
+    return {t for n in names for t in op_signature(n) if t[0] in ("conv", "dot_general")}
+
+
+def test_weight_storage_exports_cover_every_weight_op():
+    """A family whose convolutions or matrix products are of a kind no family in WEIGHT_STORAGE_FAMILIES has (grouped
+    or not, symmetric or TF "SAME" padding, a dot_general) must join that list."""
+    assert set(WEIGHT_STORAGE_FAMILIES) <= set(FAMILY_NAMES)
+    covered = _weight_ops([n for f in WEIGHT_STORAGE_FAMILIES for n in FAMILY_NAMES[f]])
+    for family, names in FAMILY_NAMES.items():
+        missing = _weight_ops(names) - covered
+        assert not missing, f"{family} traces to weight ops {missing} that no fp16/dynamic export covers"
+
+
+@pytest.mark.parametrize("family,quantization", QUANTIZED)
 def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_cache):
     name, weights, _ = export_setup(family)
     module, variables, cfg, x, labels, calib = _setup(family, photos)
