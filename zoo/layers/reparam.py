@@ -17,6 +17,9 @@ MobileOne stacks these as a depthwise kxk block (groups == channels) followed by
 written for any grouping: a grouped kernel is (k, k, in/groups, out) in HWIO, and the identity is the kxk kernel that
 picks input channel `o` (position `o % (in/groups)` within its group) for output `o` at the centre tap.
 
+`StandaloneBatchNorm` is the degenerate case: a BatchNorm with no weight layer right before it to fold into (after a
+residual sum), deployed as the per-channel affine map it computes at inference.
+
 The fusion assumes centred taps, i.e. PyTorch-symmetric padding (the 1x1 branch of a strided block reads the pixel at
 the centre of the kxk window). TF "SAME" padding of a strided kxk conv is not centred, so it is not supported here.
 """
@@ -38,7 +41,8 @@ ModuleDef = Any
 
 
 class ConvBn(nn.Module):
-    """conv -> BN, no activation (one branch of a re-parameterizable block; children `conv`, `bn`)."""
+    """conv -> BN, no activation (one branch of a re-parameterizable block; children `conv`, `bn`). `use_bias`: a
+    conv bias before the BN (StarNet's ConvBN layers have one)."""
 
     features: int
     conv: ModuleDef
@@ -46,10 +50,12 @@ class ConvBn(nn.Module):
     kernel_size: int = 3
     stride: int = 1
     groups: int = 1
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = self.conv(self.features, self.kernel_size, stride=self.stride, groups=self.groups, name="conv")(x)
+        x = self.conv(self.features, self.kernel_size, stride=self.stride, groups=self.groups, use_bias=self.use_bias,
+                      name="conv")(x)
         return self.norm(use_running_average=not train, name="bn")(x)
 
 
@@ -149,3 +155,37 @@ def _reparameterize_mobileone(module: MobileOneBlock, variables: dict) -> dict:
 
 
 kinds.register(MobileOneBlock, kinds.LayerKind("reparam", reparameterize=_reparameterize_mobileone))
+
+
+class StandaloneBatchNorm(nn.Module):
+    """A BatchNorm that no weight layer before it can absorb (it follows a residual sum, e.g. StarNet's last `norm`).
+
+    Training form: the BatchNorm itself (child `bn`). Deploy form (`deploy=True`): the per-channel affine map it
+    computes at inference, `x * scale + bias` (own parameters `scale`, `bias`; no statistics), from `reparameterize`.
+    """
+
+    norm: ModuleDef = batch_norm(BN_EPS_TORCH)
+    deploy: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if not self.deploy:
+            return self.norm(use_running_average=not train, name="bn")(x)
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        return x * scale.astype(x.dtype) + bias.astype(x.dtype)
+
+    @staticmethod
+    def reparameterize(variables: dict, *, eps: float = BN_EPS_TORCH) -> dict:
+        """Training-form variables ({"params": {"bn": ...}, "batch_stats": {"bn": ...}}) -> {"params": scale, bias}."""
+        bn, stats = variables["params"]["bn"], variables["batch_stats"]["bn"]
+        t = np.asarray(bn["scale"], np.float64) / np.sqrt(np.asarray(stats["var"], np.float64) + eps)
+        bias = np.asarray(bn["bias"], np.float64) - np.asarray(stats["mean"], np.float64) * t
+        return {"params": {"scale": t.astype(np.float32), "bias": bias.astype(np.float32)}}
+
+
+def _reparameterize_standalone_bn(module: StandaloneBatchNorm, variables: dict) -> dict:
+    return StandaloneBatchNorm.reparameterize(variables, eps=_norm_eps(module.norm))
+
+
+kinds.register(StandaloneBatchNorm, kinds.LayerKind("reparam", reparameterize=_reparameterize_standalone_bn))
