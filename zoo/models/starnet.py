@@ -51,7 +51,8 @@ class Variant:
         return tuple(self.base_dim * 2 ** i for i in range(len(self.depths)))
 
 
-# StarNet S1-S4 of arXiv:2403.19967 (the official release's starnet_s1..s4 widths and depths); 224x224 input, stages at 56x56, 28x28, 14x14, 7x7.
+# StarNet S1-S4 of arXiv:2403.19967 (the official release's starnet_s1..s4 widths and depths); 224x224 input,
+# stages at 56x56, 28x28, 14x14, 7x7.
 S1 = Variant(base_dim=24, depths=(2, 2, 8, 3))
 S2 = Variant(base_dim=32, depths=(1, 2, 6, 2))
 S3 = Variant(base_dim=32, depths=(2, 2, 8, 4))
