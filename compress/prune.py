@@ -1,11 +1,17 @@
-"""Structured channel pruning: a MobileNet-family model with fewer channels, as an ordinary smaller zoo model.
+"""Structured channel pruning: a model of the MobileNet stage builder with fewer channels, as an ordinary smaller zoo
+model (MobileNetV1/V2/V3, MnasNet, FBNet, LCNet, EfficientNet/-Lite/-V2, TinyNet; MixNet's split convs keep their
+widths).
 
-Channels are removed where nothing outside one block depends on them (the residual stream is left alone):
+Channels are removed where nothing outside one block, or one block and its reader, depends on them (residual streams
+are left alone):
 
 - "mid": the inverted-residual expansion channels (conv_pw out, bn1, conv_dw, bn2, SE reduce-in and expand-out,
-  conv_pwl in), the bulk of the MACs;
+  conv_pwl in; in a fused 'er' block conv_exp out, bn1, SE, conv_pwl in), the bulk of the MACs;
 - "se": the squeeze-excite reduced channels (conv_reduce out, conv_expand in);
 - "cn": the final 1x1 `cn` conv of MobileNetV3 (conv out, bn1, the pooled head conv's input);
+- "out": the output of any other block outside a residual stream (neither it nor its reader adds its input), e.g.
+  every block of MobileNetV1 and LCNet: the producing conv and BN, and what reads it (the next block's first conv, or
+  a depthwise-separable block's depthwise conv, BN and squeeze-excite, or the head);
 - "head": the head conv of MobileNetV2/EfficientNet (conv out, bn, classifier input); not in the default scope
   because it changes the pooled feature width that fine-tuned classifiers and distillation read.
 
@@ -39,7 +45,7 @@ import numpy as np
 from flax import traverse_util
 
 import zoo
-from compress.prune_arch import base_name, check_supported, pruned_name
+from compress.prune_arch import apply_widths, base_name, check_supported, free_outputs, mixed, pruned_name
 from compress.prune_io import load_pruned, save_pruned
 from zoo.convert import flatten_variables
 from zoo.models.mobilenet_base import MobileNet, feature_info
@@ -48,8 +54,10 @@ __all__ = ["CRITERIA", "DEFAULT_SCOPE", "SCOPES", "ChannelGroup", "channel_group
            "load_pruned", "prune_channels", "save_pruned"]
 
 CRITERIA = ("bn_scale", "l1")
-SCOPES = ("mid", "se", "cn", "head")
+SCOPES = ("mid", "se", "cn", "out", "head")
 DEFAULT_SCOPE = ("mid", "se", "cn")
+# Networks without expanding blocks (MobileNetV1, LCNet) have little else to prune: their default adds "out".
+DEFAULT_SCOPE_WITHOUT_MID = ("se", "cn", "out")
 DIVISOR = 8  # kept widths stay multiples of 8: what SIMD kernels (XNNPACK, GPUs' tensor cores) tile by
 
 
@@ -70,30 +78,59 @@ def _bn(path: str) -> tuple[tuple[str, int], ...]:
                  (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var")))
 
 
+def _se_channels(p: str) -> tuple[tuple[str, int], ...]:
+    """The arrays of a squeeze-excite that index the channels it gates (its input and its gate's output)."""
+    return ((f"{p}/se/conv_reduce/kernel", 2), (f"{p}/se/conv_expand/kernel", 3), (f"{p}/se/conv_expand/bias", 0))
+
+
+# The last conv and BatchNorm of each kind of block: what produces its output channels.
+_OUTPUT_LAYERS = {"ds": ("conv_pw", "bn2"), "ir": ("conv_pwl", "bn3"), "er": ("conv_pwl", "bn2"), "cn": ("conv", "bn1")}
+
+
+def _reader(module: MobileNet, nxt, p: str) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
+    """(arrays indexed by the input channels of the block `nxt` at `p` (None: the head), the BatchNorms on the way
+    that can silence a channel). A 'ds' block carries its input through its depthwise conv, BN and squeeze-excite."""
+    if nxt is None:
+        if module.head_type == "pool":
+            return ((("params/head/fc/kernel", 0),) if module.num_classes else ()), ()
+        return (("params/head/conv/kernel", 2),), ()
+    m = p.split("/", 1)[1]
+    if nxt.kind == "ds":
+        se = _se_channels(p) if nxt.se_chs else ()
+        return ((f"{p}/conv_dw/kernel", 3), *_bn(f"{m}/bn1"), *se, (f"{p}/conv_pw/kernel", 2)), (f"{m}/bn1",)
+    first = {"ir": "conv_pw", "er": "conv_exp", "cn": "conv"}[nxt.kind]
+    return ((f"{p}/{first}/kernel", 2),), ()
+
+
 def channel_groups(module: MobileNet) -> list[ChannelGroup]:
     """Every prunable channel group of a MobileNet-family module, in network order."""
     check_supported(module)
     groups = []
-    last = (len(module.stages) - 1, len(module.stages[-1]) - 1)
-    head_in = (("params/head/conv/kernel", 2),)
-    for i, blocks in enumerate(module.stages):
-        for j, b in enumerate(blocks):
-            p = f"params/stages_{i}/block_{j}"
-            m = p.split("/", 1)[1]
-            if b.se_chs:
-                groups.append(ChannelGroup(f"{m}/se", "se", b.se_chs, (
-                    (f"{p}/se/conv_reduce/kernel", 3), (f"{p}/se/conv_reduce/bias", 0),
-                    (f"{p}/se/conv_expand/kernel", 2)), (), f"{p}/se/conv_reduce/kernel"))
-            if b.kind == "ir":
-                se = ((f"{p}/se/conv_reduce/kernel", 2), (f"{p}/se/conv_expand/kernel", 3),
-                      (f"{p}/se/conv_expand/bias", 0)) if b.se_chs else ()
-                axes = ((f"{p}/conv_pw/kernel", 3), *_bn(f"{m}/bn1"), (f"{p}/conv_dw/kernel", 3), *_bn(f"{m}/bn2"),
-                        *se, (f"{p}/conv_pwl/kernel", 2))
-                groups.append(ChannelGroup(f"{m}/mid", "mid", b.mid_chs, axes, (f"{m}/bn1", f"{m}/bn2"),
-                                           f"{p}/conv_pw/kernel"))
-            elif b.kind == "cn" and (i, j) == last:  # earlier outputs feed the residual stream
-                groups.append(ChannelGroup(f"{m}/cn", "cn", b.out_chs, ((f"{p}/conv/kernel", 3),
-                                           *_bn(f"{m}/bn1"), *head_in), (f"{m}/bn1",), f"{p}/conv/kernel"))
+    flat = [(i, j, b) for i, blocks in enumerate(module.stages) for j, b in enumerate(blocks)]
+    free = free_outputs(module.stages)
+    for k, (i, j, b) in enumerate(flat):
+        p = f"params/stages_{i}/block_{j}"
+        m = p.split("/", 1)[1]
+        if b.se_chs:
+            groups.append(ChannelGroup(f"{m}/se", "se", b.se_chs, (
+                (f"{p}/se/conv_reduce/kernel", 3), (f"{p}/se/conv_reduce/bias", 0),
+                (f"{p}/se/conv_expand/kernel", 2)), (), f"{p}/se/conv_reduce/kernel"))
+        se = _se_channels(p) if b.se_chs else ()
+        if b.kind == "ir" and not mixed(b):
+            axes = ((f"{p}/conv_pw/kernel", 3), *_bn(f"{m}/bn1"), (f"{p}/conv_dw/kernel", 3), *_bn(f"{m}/bn2"),
+                    *se, (f"{p}/conv_pwl/kernel", 2))
+            groups.append(ChannelGroup(f"{m}/mid", "mid", b.mid_chs, axes, (f"{m}/bn1", f"{m}/bn2"),
+                                       f"{p}/conv_pw/kernel"))
+        elif b.kind == "er":
+            axes = ((f"{p}/conv_exp/kernel", 3), *_bn(f"{m}/bn1"), *se, (f"{p}/conv_pwl/kernel", 2))
+            groups.append(ChannelGroup(f"{m}/mid", "mid", b.mid_chs, axes, (f"{m}/bn1",), f"{p}/conv_exp/kernel"))
+        if (i, j) in free:
+            nxt = flat[k + 1] if k + 1 < len(flat) else None
+            conv, bn = _OUTPUT_LAYERS[b.kind]
+            read, read_bns = _reader(module, nxt and nxt[2], nxt and f"params/stages_{nxt[0]}/block_{nxt[1]}")
+            kind = "cn" if b.kind == "cn" and nxt is None else "out"  # the final 1x1 conv into the head: "cn"
+            groups.append(ChannelGroup(f"{m}/{kind}", kind, b.out_chs, ((f"{p}/{conv}/kernel", 3), *_bn(f"{m}/{bn}"),
+                                       *read), (f"{m}/{bn}", *read_bns), f"{p}/{conv}/kernel"))
     if module.head_type == "efficientnet":
         fc = (("params/head/fc/kernel", 0),) if module.num_classes else ()
         groups.append(ChannelGroup("head/head", "head", module.num_features,
@@ -132,6 +169,9 @@ def _check_args(model, ratio, criterion, scope) -> tuple[MobileNet, tuple[str, .
         _check_ratio(ratio, "ratio")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if scope is None:
+        has_mid = any(g.kind == "mid" for g in channel_groups(module))
+        scope = DEFAULT_SCOPE if has_mid else DEFAULT_SCOPE_WITHOUT_MID
     scope = (scope,) if isinstance(scope, str) else tuple(scope)
     if not scope or set(scope) - set(SCOPES):
         raise ValueError(f"scope must be a non-empty subset of {SCOPES}, got {scope!r}")
@@ -168,13 +208,14 @@ def _scores(group: ChannelGroup, flat: dict[str, np.ndarray], criterion: str) ->
 
 
 def prune_channels(model: zoo.Model, ratio: float | Mapping[str, float], *, criterion: str = "bn_scale",
-                   scope: str | Sequence[str] = DEFAULT_SCOPE) -> zoo.Model:
+                   scope: str | Sequence[str] | None = None) -> zoo.Model:
     """A smaller `zoo.Model`: same class of module with narrower blocks, and the surviving channels' weights.
 
     ratio: the fraction of each group's channels to remove, in (0, 1), or {regex: fraction} matched (fullmatch,
         first match wins) against group names such as "stages_3/block_0/mid"; unmatched groups keep all channels.
         Kept widths are rounded to multiples of 8 (at least 8; groups of 8 or fewer channels are kept whole).
-    criterion: "bn_scale" or "l1" (see the module docstring). scope: which kinds of groups to prune (`SCOPES`).
+    criterion: "bn_scale" or "l1" (see the module docstring). scope: which kinds of groups to prune (`SCOPES`);
+        None: `DEFAULT_SCOPE`, or `DEFAULT_SCOPE_WITHOUT_MID` for networks without expanding blocks.
     The result's `cfg.name` is `<base>_pruned<percent of prunable channels removed>`; its preprocessing is the
     input model's. Raises ValueError for bad arguments or unsupported families before doing any work.
     """
@@ -218,14 +259,18 @@ def prune_channels(model: zoo.Model, ratio: float | Mapping[str, float], *, crit
 
 
 def _narrowed(module: MobileNet, widths: dict[str, int]) -> MobileNet:
-    """`module` with the group widths given by name."""
-    stages = []
+    """`module` with the group widths given by name (each block's input follows the previous block's output)."""
+    table = []
     for i, blocks in enumerate(module.stages):
-        new_blocks = []
+        row = []
         for j, b in enumerate(blocks):
             m = f"stages_{i}/block_{j}"
-            new_blocks.append(replace(b, out_chs=widths.get(f"{m}/cn", b.out_chs),
-                                      mid_chs=widths.get(f"{m}/mid", b.mid_chs),
-                                      se_chs=widths.get(f"{m}/se", b.se_chs)))
-        stages.append(tuple(new_blocks))
-    return module.clone(stages=tuple(stages), num_features=widths.get("head/head", module.num_features))
+            out = widths.get(f"{m}/cn", widths.get(f"{m}/out", b.out_chs))
+            row.append({"out_chs": out, "mid_chs": widths.get(f"{m}/mid", b.mid_chs),
+                        "se_chs": widths.get(f"{m}/se", b.se_chs)})
+        table.append(row)
+    stages = apply_widths(module.stages, table)
+    num_features = widths.get("head/head", module.num_features)
+    if module.head_type == "pool":  # the pooled last stage is the classifier's input
+        num_features = stages[-1][-1].out_chs
+    return module.clone(stages=stages, num_features=num_features)

@@ -1,7 +1,7 @@
 """The architecture side of channel pruning: which MobileNet-family widths can change, and naming the result.
 
 A pruned network is the registered base architecture with other per-block channel widths (`mid_chs`, `se_chs`, the
-last `cn` block's `out_chs`) and possibly another `num_features`. This module reads those widths from a module,
+`out_chs` of blocks outside residual streams) and possibly another `num_features`. This module reads those widths from a module,
 applies them to the registered base (`zoo.create_model(base, stages=...)`), and names pruned models
 `<base>_pruned<percent>`, so a saved file needs nothing but the base name and a table of integers.
 
@@ -19,7 +19,8 @@ import zoo
 from zoo.models.mobilenet_base import MobileNet
 from zoo.registry import UnknownModelError, get_entry
 
-SUPPORTED = "MobileNetV2, MobileNetV3 and EfficientNet/EfficientNet-Lite (modules of class MobileNet)"
+SUPPORTED = ("the families built on the MobileNet stage builder (MobileNetV1/V2/V3, MnasNet, FBNet, LCNet, "
+             "EfficientNet/-Lite/-V2, TinyNet, MixNet: modules of class MobileNet)")
 WIDTH_FIELDS = ("mid_chs", "se_chs", "out_chs")
 # Module fields a saved pruned model may carry besides the widths (anything else must equal the registry's).
 MODULE_FIELDS = ("num_classes", "in_chans", "num_features", "drop_rate", "drop_path_rate")
@@ -50,6 +51,34 @@ def pruned_name(base: str, removed_fraction: float) -> str:
     return f"{base}_pruned{int(round(100 * removed_fraction))}"
 
 
+EXPANDING = ("ir", "er")  # blocks whose middle width is their own (the others' mirrors their input)
+
+
+def has_skip(b) -> bool:
+    """Whether the block adds its input to its output (so both belong to one residual stream)."""
+    if b.kind == "cn":
+        return b.skip and b.stride == 1 and b.in_chs == b.out_chs
+    return b.stride == 1 and b.in_chs == b.out_chs and not b.noskip
+
+
+def mixed(b) -> bool:
+    """A MixNet block: its convs split the channels into groups of fixed proportions."""
+    return isinstance(b.kernel, tuple) or getattr(b, "exp_splits", 1) > 1 or getattr(b, "pwl_splits", 1) > 1
+
+
+def free_outputs(stages) -> set[tuple[int, int]]:
+    """(stage, block) of every block whose output width may change: neither it nor the block reading its output
+    adds a residual, and both convs touching those channels are ordinary ones (the head reads the last output)."""
+    flat = [(i, j, b) for i, stage in enumerate(stages) for j, b in enumerate(stage)]
+    free = set()
+    for k, (i, j, b) in enumerate(flat):
+        nxt = flat[k + 1][2] if k + 1 < len(flat) else None
+        if has_skip(b) or mixed(b) or (nxt is not None and (has_skip(nxt) or mixed(nxt))):
+            continue
+        free.add((i, j))
+    return free
+
+
 def block_widths(module: MobileNet) -> list[list[dict[str, int]]]:
     """Per stage, per block: the channel widths pruning may change."""
     return [[{f: getattr(b, f) for f in WIDTH_FIELDS} for b in stage] for stage in module.stages]
@@ -60,23 +89,24 @@ def apply_widths(stages, widths) -> tuple:
     if [len(s) for s in stages] != [len(w) for w in widths]:
         raise ValueError(f"widths have {[len(w) for w in widths]} blocks per stage, the base architecture "
                          f"{[len(s) for s in stages]}")
-    out, in_chs = [], stages[0][0].in_chs
+    out, in_chs, free = [], stages[0][0].in_chs, free_outputs(stages)
     for i, (stage, stage_w) in enumerate(zip(stages, widths)):
         blocks = []
         for j, (b, w) in enumerate(zip(stage, stage_w)):
             where = f"stages_{i}/block_{j}"
             if set(w) != set(WIDTH_FIELDS) or not all(isinstance(v, int) and v >= 0 for v in w.values()):
                 raise ValueError(f"{where}: widths must be non-negative integers {WIDTH_FIELDS}, got {w}")
-            last = i == len(stages) - 1 and j == len(stage) - 1
-            if w["out_chs"] != b.out_chs and not (b.kind == "cn" and last):
-                # every other output is on the residual stream shared by the whole stage
-                raise ValueError(f"{where}: out_chs {w['out_chs']} != {b.out_chs}; only the final 'cn' block's "
-                                 "output channels can be pruned")
-            if (w["se_chs"] == 0) != (b.se_chs == 0) or (b.kind != "ir" and w["mid_chs"] != b.mid_chs):
+            if w["out_chs"] != b.out_chs and (i, j) not in free:
+                raise ValueError(f"{where}: out_chs {w['out_chs']} != {b.out_chs}; this output is on a residual "
+                                 "stream (or read by a split conv), so its width is fixed")
+            if (w["se_chs"] == 0) != (b.se_chs == 0):
                 raise ValueError(f"{where}: widths {w} do not fit a '{b.kind}' block with se_chs={b.se_chs}")
             nb = replace(b, in_chs=in_chs, **w)
-            if b.kind != "ir":  # 'ds' and 'cn' blocks have no expansion: mid_chs mirrors in_chs
+            if b.kind not in EXPANDING:  # no expansion: mid_chs mirrors in_chs
                 nb = replace(nb, mid_chs=in_chs)
+            if not has_skip(b) and b.kind != "cn" and nb.stride == 1 and nb.in_chs == nb.out_chs:
+                # narrower widths may make in == out: a block that had no residual must not gain one
+                nb = replace(nb, noskip=True)
             blocks.append(nb)
             in_chs = nb.out_chs
         out.append(tuple(blocks))

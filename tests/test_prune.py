@@ -15,9 +15,12 @@ import pytest
 from flax import traverse_util
 
 import zoo
-from compress.prune import (CRITERIA, channel_groups, kept_channels, load_pruned, prune_channels, save_pruned)
+from compress.prune import (CRITERIA, DEFAULT_SCOPE, DEFAULT_SCOPE_WITHOUT_MID, channel_groups, kept_channels,
+                            load_pruned, prune_channels, save_pruned)
 from compress.prune_io import ARCH_FILE, WEIGHTS_FILE
+from architectures import families, smallest
 from reference import random_images, random_variables
+from zoo.models.mobilenet_base import MobileNet
 from zoo.registry import get_entry
 
 HW = (96, 96)
@@ -86,6 +89,27 @@ def test_pruning_dead_channels_leaves_the_output_unchanged(name, scope):
     # the check has teeth: pruning the same widths of live channels changes the logits
     before, after = logits(alive, x), logits(prune_channels(alive, 0.5, scope=scope), x)
     assert np.abs(after - before).max() > 1e-2 * np.abs(before).max()
+
+
+# Every family built on the MobileNet stage builder (the class channel pruning works on), found in the registry.
+PRUNABLE = sorted(f for f, names in families().items() if isinstance(zoo.create_model(names[0]), MobileNet))
+
+
+@pytest.mark.parametrize("family", PRUNABLE)
+def test_every_builder_family_prunes_to_a_smaller_model_computing_the_same(family):
+    """The family's smallest member, every default-scope group half dead: removing the dead channels leaves the
+    logits unchanged, and the result is an ordinary smaller model of the same class."""
+    name = smallest(families()[family])
+    alive = _model(name, hw=(64, 64))
+    scope = DEFAULT_SCOPE if any(g.kind == "mid" for g in channel_groups(alive.module)) else DEFAULT_SCOPE_WITHOUT_MID
+    model, live = _kill(alive, 0.5, scope)
+    assert live, f"{name}: nothing to prune in scope {scope}"
+    x = random_images(2, (64, 64))
+    small = prune_channels(model, 0.5)
+    assert type(small.module) is type(model.module)
+    assert zoo.count_params(small.variables["params"]) < zoo.count_params(model.variables["params"])
+    ref, out = logits(model, x), logits(small, x)
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-5, np.abs(out - ref).max()
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +195,7 @@ def test_bad_arguments_raise(lite, kwargs, error, match):
 def test_unsupported_inputs_raise():
     vit = zoo.create_model("mobilevit_xxs")
     abstract = jax.eval_shape(lambda: vit.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
-    with pytest.raises(ValueError, match="supports MobileNetV2, MobileNetV3 and EfficientNet.*MobileViT"):
+    with pytest.raises(ValueError, match="supports the families built on the MobileNet stage builder.*MobileViT"):
         prune_channels(zoo.Model(vit, abstract, get_entry("mobilevit_xxs").cfg), 0.5)
     mnv3 = zoo.create_model("mobilenetv3_small_050")
     model = zoo.Model(mnv3, {}, get_entry("mobilenetv3_small_050").cfg)
