@@ -54,6 +54,9 @@ def calibrate_batch_stats(module, variables, x) -> dict:
     every BN by the statistics of `x`; the running averages it returns (flax momentum 0.9, starting from mean 0 and
     variance 1) are inverted to those batch statistics, so that eval mode then reproduces the train-mode pass.
     """
+    if not variables.get("batch_stats"):  # no BatchNorm (e.g. ConvNeXt's LayerNorms): nothing to calibrate
+        return variables
+
     def batch_stat(path, new):
         key = str(getattr(path[-1], "key", path[-1]))
         new = np.asarray(new, np.float32)
