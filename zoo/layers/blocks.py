@@ -126,19 +126,22 @@ class InvertedResidual(nn.Module):
     se_gate: str = "sigmoid"
     noskip: bool = False
     drop_path_rate: float = 0.0
+    # kernel sizes of the 1x1 convs as the conv factory takes them (MixNet: `zoo.layers.mixed_conv.MixedKernels`)
+    exp_kernel: Any = 1
+    pw_kernel: Any = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         in_chs = x.shape[-1]
         shortcut = x
         act = get_act(self.act)
-        x = self.conv(self.mid_chs, 1, name="conv_pw")(x)
+        x = self.conv(self.mid_chs, self.exp_kernel, name="conv_pw")(x)
         x = act(self.norm(use_running_average=not train, name="bn1")(x))
         x = self.conv(self.mid_chs, self.kernel, stride=self.stride, groups=self.mid_chs, name="conv_dw")(x)
         x = act(self.norm(use_running_average=not train, name="bn2")(x))
         if self.se_chs:
             x = SqueezeExcite(self.se_chs, self.conv, self.se_act, self.se_gate, name="se")(x)
-        x = self.conv(self.out_chs, 1, name="conv_pwl")(x)
+        x = self.conv(self.out_chs, self.pw_kernel, name="conv_pwl")(x)
         x = self.norm(use_running_average=not train, name="bn3")(x)
         # only the residual branch is dropped; timm's byobnet also drops the output of blocks without a shortcut
         # (MobileViT's downsampling blocks). Eval is identical.

@@ -20,7 +20,7 @@ from typing import Callable, Literal
 import flax.linen as nn
 import jax
 
-Role = Literal["weight", "norm", "attention", "reparam"]
+Role = Literal["weight", "norm", "attention", "reparam", "group"]
 
 
 class UnknownLayerKindError(TypeError):
@@ -32,7 +32,9 @@ class LayerKind:
     """What one layer class is.
 
     role: "weight" (a kernel that multiplies its input: conv, dense), "norm", "attention" (a block whose softmax and
-      matrix products of activations are not weight layers), "reparam" (a multi-branch block with a deploy form).
+      matrix products of activations are not weight layers), "reparam" (a multi-branch block with a deploy form),
+      "group" (weight layers on channel groups whose outputs are concatenated, MixNet's mixed conv: the weight
+      layers are its children, a norm after it sees no single weight layer's output).
     out_axis / in_axis / spatial_axes: where a weight layer's kernel keeps output channels, input channels, taps.
     folds: a norm that is an affine map per channel at inference, so it folds into the weight layer before it.
     int8: "int8" when the converter's int8 kernels run it well, "float" when an int8 export keeps it in float
@@ -151,6 +153,9 @@ def _register_builtin() -> None:
     register(nn.BatchNorm, LayerKind("norm", folds=True))
     register(nn.LayerNorm, LayerKind("norm", int8="float"))
     register(nn.GroupNorm, LayerKind("norm", int8="float"))
+    from zoo.layers.mixed_conv import MixedConv2d
+
+    register(MixedConv2d, LayerKind("group"))
 
 
 _register_builtin()

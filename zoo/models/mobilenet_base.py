@@ -20,6 +20,7 @@ from zoo.config import FeatureInfo
 from zoo.inputs import check_images
 from zoo.layers.activations import get_act
 from zoo.layers.blocks import ConvNormAct, DepthwiseSeparable, EdgeResidual, InvertedResidual, Stage
+from zoo.layers.mixed_conv import MixedKernels, mixing
 from zoo.models.backbone import feature_dict, layer_factories, stage_feature_info
 from zoo.models.heads import classify
 
@@ -45,7 +46,7 @@ class BlockSpec:
 
     kind: Literal["ds", "ir", "er", "cn"]
     repeat: int
-    kernel: int
+    kernel: int | tuple[int, ...]
     stride: int
     out: int
     expand: float = 1.0
@@ -54,6 +55,10 @@ class BlockSpec:
     pw_act: bool = False
     noskip: bool = False
     skip: bool = False  # 'cn' only: add the input where the shapes allow (EfficientNetV2's first stage)
+    # MixNet ('ir' only): a tuple `kernel` splits the depthwise conv into channel groups with these kernel sizes;
+    # `exp_splits`/`pwl_splits` > 1 split the 1x1 expansion/projection into convs on that many channel groups
+    exp_splits: int = 1
+    pwl_splits: int = 1
 
 
 def stage(*rows: BlockSpec, **row) -> tuple[BlockSpec, ...]:
@@ -74,13 +79,15 @@ class Block:
     in_chs: int
     out_chs: int
     mid_chs: int
-    kernel: int
+    kernel: int | tuple[int, ...]
     stride: int
     act: str
     se_chs: int
     pw_act: bool = False
     noskip: bool = False
     skip: bool = False
+    exp_splits: int = 1
+    pwl_splits: int = 1
 
 
 def _scale_depth(specs: tuple[BlockSpec, ...], multiplier: float, trunc: str = "ceil") -> list[BlockSpec]:
@@ -132,7 +139,7 @@ def resolve_stages(
                 se_chs = make_divisible(rd, round_limit=round_limit) if se_round == "divisible" else round(rd)
             blocks.append(
                 Block(spec.kind, in_chs, out_chs, mid_chs, spec.kernel, spec.stride if j == 0 else 1,
-                      spec.act or act, se_chs, spec.pw_act, spec.noskip, spec.skip)
+                      spec.act or act, se_chs, spec.pw_act, spec.noskip, spec.skip, spec.exp_splits, spec.pwl_splits)
             )
             in_chs = out_chs
         stages.append(tuple(blocks))
@@ -146,6 +153,21 @@ def feature_info(stages: tuple[tuple[Block, ...], ...], stem_stride: int = 2) ->
                               stem_stride)
 
 
+class FoldedNorm(nn.Module):
+    """A BatchNorm folded into the conv before it (a deploy form): the identity, no variables."""
+
+    use_running_average: bool | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        return x
+
+
+def _with_bias(conv):
+    """`conv` with a bias always (where a folded BatchNorm's shift goes)."""
+    return lambda *args, **kwargs: conv(*args, **{**kwargs, "use_bias": True})
+
+
 def make_block(b: Block, drop_path_rate: float, *, conv, norm, se_act: str, se_gate: str, name: str) -> nn.Module:
     """The module of one resolved block ('cn', 'ds', 'ir' or 'er'), from the shared block library."""
     common = dict(conv=conv, norm=norm, kernel=b.kernel, stride=b.stride, act=b.act, name=name)
@@ -156,6 +178,10 @@ def make_block(b: Block, drop_path_rate: float, *, conv, norm, se_act: str, se_g
         return DepthwiseSeparable(b.out_chs, **common, **se, pw_act=b.pw_act, noskip=b.noskip)
     if b.kind == "er":
         return EdgeResidual(b.out_chs, b.mid_chs, **common, **se, noskip=b.noskip)
+    if isinstance(b.kernel, tuple) or b.exp_splits > 1 or b.pwl_splits > 1:  # MixNet: mixed convs in the block
+        common.update(conv=mixing(conv), kernel=MixedKernels(b.kernel) if isinstance(b.kernel, tuple) else b.kernel)
+        se.update(exp_kernel=MixedKernels((1,) * b.exp_splits) if b.exp_splits > 1 else 1,
+                  pw_kernel=MixedKernels((1,) * b.pwl_splits) if b.pwl_splits > 1 else 1)
     return InvertedResidual(b.out_chs, b.mid_chs, **common, **se, noskip=b.noskip)
 
 
@@ -223,12 +249,18 @@ class MobileNet(nn.Module):
     conv: Any = None
     norm: Any = None
     dense: Any = None
+    # every BatchNorm folded into the conv before it: convs with a bias, norms the identity (MixNet's deploy form,
+    # whose variables its re-parameterization gives; other families fold through `compress.fold_bn` instead)
+    deploy: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
         check_images(x, self.in_chans, type(self).__name__)
         conv, norm, dense = layer_factories(self.conv, self.norm, self.dense, bn_eps=self.bn_eps, dtype=self.dtype,
                                             padding=self.padding)
+        head_conv = conv  # the "mobilenetv3" head conv has no BatchNorm to fold: its bias stays as built
+        if self.deploy:
+            conv, norm = _with_bias(conv), FoldedNorm
         x = ConvNormAct(self.stem_chs, conv, norm, kernel=3, stride=2, act=self.act, norm_name="bn1", name="stem")(
             x, train)
         make = partial(make_block, conv=conv, norm=norm, se_act=self.se_act, se_gate=self.se_gate)
@@ -242,7 +274,8 @@ class MobileNet(nn.Module):
             x = Stage(blocks, make, rates, name=f"stages_{i}")(x, train)
             if f"stages_{i}" in names:
                 maps.append(x)
-        head = MobileNetHead(self.num_features, self.num_classes, self.head_type, self.act, conv, norm, dense,
+        head = MobileNetHead(self.num_features, self.num_classes, self.head_type, self.act,
+                             head_conv if self.head_type == "mobilenetv3" else conv, norm, dense,
                              self.drop_rate, self.head_bias, name="head")
         feats = feature_dict(names, maps, head(x, train, pre_logits=True))
         if features:
