@@ -41,7 +41,8 @@ def test_feature_info_matches_feature_maps(name):
     variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(x.shape)))
     keys = []
     feats = jax.eval_shape(lambda v, x: (out := module.apply(v, x, features=True), keys.extend(out))[0], variables, x)
-    assert [f.stride for f in cfg.feature_info] == [2, 4, 8, 16, 32]
+    strides = [f.stride for f in cfg.feature_info]  # 4-32 for the task heads; 2 where the network has such a map
+    assert strides in ([2, 4, 8, 16, 32], [4, 8, 16, 32]), strides
     assert keys == [f.name for f in cfg.feature_info] + ["pre_logits"]
     for info in cfg.feature_info:
         assert feats[info.name].shape == (2, 128 // info.stride, 128 // info.stride, info.channels), info

@@ -9,9 +9,8 @@ with LayerNorm + 2x2/2 conv. Each block: 7x7 depthwise conv -> LayerNorm over ch
 
 No BatchNorm and no multi-branch block: the deploy form is the training form (`compress.deploy` leaves it as is).
 
-Feature maps: the stages give strides 4-32. The patchify stem has no stride-2 output, so for those variants the
-stride-2 entry (`input_s2`) is the input averaged over 2x2 pixels (what detection/segmentation heads then get at that
-level); the `_ols` stems' first conv (`stem_0`) is a real stride-2 map.
+Feature maps: the stages give strides 4-32. The patchify stem has no stride-2 output (as timm's feature_info, these
+variants list none); the `_ols` stems' first conv (`stem_0`) is a real stride-2 map.
 
 Parameter names follow timm's (`stem_0`, `stages_1/downsample_1`, `stages_2/blocks_3/mlp/fc1`, `.../layer_scale/gamma`,
 `head/norm`, `head/fc`), so the timm key map is a few substitutions.
@@ -66,11 +65,8 @@ Stages = tuple[Stage, ...]
 
 
 def feature_info(stages: Stages, stem_type: StemType) -> tuple[FeatureInfo, ...]:
-    if stem_type == "patch":
-        first = FeatureInfo("input_s2", 2, 3)
-    else:
-        first = FeatureInfo("stem_0", 2, stem_mid_chs(stages, stem_type))
-    return (first, *(FeatureInfo(f"stages_{i}", 4 * 2 ** i, s.dims) for i, s in enumerate(stages)))
+    first = () if stem_type == "patch" else (FeatureInfo("stem_0", 2, stem_mid_chs(stages, stem_type)),)
+    return (*first, *(FeatureInfo(f"stages_{i}", 4 * 2 ** i, s.dims) for i, s in enumerate(stages)))
 
 
 def stem_mid_chs(stages: Stages, stem_type: StemType) -> int:
@@ -191,14 +187,14 @@ class ConvNeXt(nn.Module):
         ln = partial(nn.LayerNorm, epsilon=LN_EPS, use_fast_variance=False, dtype=self.dtype)
         dims0 = self.stages[0].dims
         if self.stem_type == "patch":
-            first = nn.avg_pool(x, (2, 2), (2, 2))  # no stride-2 map in this stem: the input at that resolution
+            maps = []  # no stride-2 map in this stem
             x = conv(dims0, 4, stride=4, padding=0, use_bias=True, name="stem_0")(x)
             x = ln(name="stem_1")(x)
         else:
-            first = x = conv(stem_mid_chs(self.stages, self.stem_type), 3, stride=2, use_bias=True, name="stem_0")(x)
+            x = conv(stem_mid_chs(self.stages, self.stem_type), 3, stride=2, use_bias=True, name="stem_0")(x)
+            maps = [x]
             x = conv(dims0, 3, stride=2, use_bias=True, name="stem_1")(x)
             x = ln(name="stem_2")(x)
-        maps = [first]
         # stochastic depth grows linearly over all blocks (timm's calculate_drop_path_rates)
         n_blocks = sum(s.depth for s in self.stages)
         rates = [self.drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
