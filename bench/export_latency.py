@@ -39,7 +39,12 @@ KERAS_TWINS = {
     "mobilenetv3_small_100": "MobileNetV3Small",
     "mobilenet_v2": "MobileNetV2",
     "efficientnet_b0": "EfficientNetB0",
-}
+    "mobilenetv1_100": "MobileNet",
+    "tf_efficientnetv2_b0": "EfficientNetV2B0",
+    "tf_efficientnetv2_b1": "EfficientNetV2B1",
+    "tf_efficientnetv2_b2": "EfficientNetV2B2",
+    "tf_efficientnetv2_b3": "EfficientNetV2B3",
+}  # Keras 3's applications have no RegNet (Keras 2 had) and no ConvNeXt below Tiny
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ("model", "res", "params_m", "macs_g", "jax_ms", "jax_threads",
           "fp32_1t", "fp32_2t", "fp16_1t", "fp16_2t", "int8_1t", "int8_2t", "int8_vs_fp32_1t",
@@ -105,7 +110,7 @@ def keras_exports(arch: str, hw, calib, tf):
     import keras
 
     kwargs = dict(weights=None, input_shape=(*hw, 3), classifier_activation=None)
-    if arch.startswith("MobileNetV3"):
+    if arch.startswith(("MobileNetV3", "EfficientNetV2")):
         kwargs["include_preprocessing"] = False
     model = getattr(keras.applications, arch)(**kwargs)
     out = {}
