@@ -89,21 +89,35 @@ kinds.register(RepBranches, kinds.LayerKind("reparam", reparameterize=_reparamet
 
 
 def avg_pool_2x2(x):
-    """2x2 average pooling with stride 2, dropping an odd last row/column (torch `avg_pool2d(x, 2, 2)`)."""
+    """2x2 average pooling with stride 2, dropping an odd last row/column (torch `avg_pool2d(x, 2, 2)`).
+
+    Written with 4-D reshapes, channel/row slices and adds, which the TFLite converter's XNNPACK delegate runs in
+    float and int8 alike (its int8 AVERAGE_POOL_2D is not delegated, nor are strided slices): pairs of columns
+    become the two halves of the channels, pairs of rows the two halves of the columns, each pair summed."""
     n, h, w, c = x.shape
-    x = x[:, :h // 2 * 2, :w // 2 * 2]
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    h2, w2 = h // 2, w // 2
+    x = x[:, :2 * h2, :2 * w2]
+    cols = x.reshape(n, 2 * h2, w2, 2 * c)
+    x = cols[..., :c] + cols[..., c:]
+    rows = x.reshape(n, h2, 2 * w2, c)
+    return (rows[:, :, :w2] + rows[:, :, w2:]) * 0.25
 
 
 def _upsample_nearest_axis(x, size: int, axis: int):
-    """torch's 'nearest' resize of one axis from n to `size` in {2n, 2n+1}: output i reads input floor(i * n / size).
+    """torch's 'nearest' resize of NHWC axis 1 or 2 from n to `size` in {2n, 2n + 1}: output i reads input
+    floor(i * n / size).
 
-    For 2n every input repeats twice; for 2n + 1 input 0 covers outputs 0..2 and every other input two, so it is the
-    doubled map with one more copy of the first row in front (broadcasts and a concatenation; no gather)."""
+    For 2n every input repeats twice: the map concatenated with itself along the next axis and reshaped (4-D ops, no
+    gather). For 2n + 1 input 0 covers outputs 0..2 and every other input two: the doubled map with one more copy of
+    the first row in front."""
+    if axis not in (1, 2):
+        raise ValueError(f"nearest upsampling resizes NHWC axis 1 or 2, got {axis}")
     n = x.shape[axis]
     if size not in (2 * n, 2 * n + 1):
         raise ValueError(f"nearest upsampling from {n} to {size}: only 2x (or 2x + 1) is supported")
-    y = jnp.repeat(x, 2, axis=axis)
+    shape = list(x.shape)
+    shape[axis] *= 2
+    y = jnp.concatenate([x, x], axis=axis + 1).reshape(shape)
     if size == 2 * n + 1:
         y = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis), y], axis=axis)
     return y
