@@ -4,7 +4,8 @@ With ZOO_REQUIRE_ALL_TIERS=1 (set by .ci/run) any skipped test fails the run, an
 (parity, slow, notebooks) under which no test ran.
 
 Under pytest-xdist (`.ci/run` uses `-n 2`), whole test files go to one worker each, so module fixtures are built once;
-the files that share the fine-tuned lite0 (`lite0_digits`) go to the same worker, which trains it once.
+the files that share the fine-tuned lite0 (`lite0_digits`) go to the same worker, which trains it once; the per-model
+files without module fixtures go out one family at a time (`SPLIT_BY_FAMILY`).
 """
 
 from __future__ import annotations
@@ -45,13 +46,41 @@ def pytest_collection_finish(session):
         import torchvision  # noqa: F401
 
 
+# Files whose tests run per registered model or family and share no module fixture: each family's tests in them are
+# a work unit of their own, so the two workers share them out. As whole files they would grow with the registry into
+# units too large to balance (test_parity.py alone: ~10 s per model).
+SPLIT_BY_FAMILY = ("test_parity.py", "test_models.py", "test_pretrained_metadata.py", "test_contract.py",
+                   "test_train_step_smoke.py")
+
+
+def _family_of(param_id: str) -> str | None:
+    """The family a test's parameter id names: a model name ('mobilenetv2_100', 'mobilenetv2_100.ra_in1k') or a
+    family."""
+    import zoo
+    from zoo.registry import UnknownModelError, get_entry
+
+    name = param_id.split(".", 1)[0]
+    try:
+        return get_entry(name).cfg.family
+    except UnknownModelError:
+        families = {get_entry(n).cfg.family for n in zoo.list_models()}
+        return name if name in families else None
+
+
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadFileScheduling
 
     class FileScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return "lite0_digits" if path.rsplit("/", 1)[-1] in LITE0_DIGITS_FILES else path
+            file = path.rsplit("/", 1)[-1]
+            if file in LITE0_DIGITS_FILES:
+                return "lite0_digits"
+            if file in SPLIT_BY_FAMILY and nodeid.endswith("]"):
+                family = _family_of(nodeid[nodeid.index("[") + 1:-1])
+                if family:
+                    return f"{path}::{family}"
+            return path
 
     config.option.loadscopereorder = False  # keep the collection order above, not "most tests first"
     return FileScheduling(config, log)
