@@ -29,7 +29,7 @@ GROWN = 1e3
 
 @pytest.mark.parity
 @pytest.mark.parametrize("name", PARITY)
-def test_converted_twin_matches_logits(name, tmp_path):
+def test_converted_twin_matches_logits(name, tmp_path, record_property):
     cfg = get_entry(name).cfg
     twin = twin_model(cfg.twin)
     perturb_batchnorm(twin)
@@ -49,11 +49,13 @@ def test_converted_twin_matches_logits(name, tmp_path):
     assert got.shape == expected.shape
     assert (got.argmax(-1) == expected.argmax(-1)).all()
     error = float(np.abs(got - expected).max())
+    record_property("max_abs_diff_fp32", error)  # reported per model (pytest --junitxml)
     if error <= 1e-4:
         return
     with torch.inference_mode():
         exact = twin.double()(x_nchw.double()).numpy()
     twin_error = float(np.abs(expected - exact).max())
     error = float(np.abs(got - exact).max())
+    record_property("max_abs_diff_fp64", error)
     tolerance = max(1e-4, 1.5 * twin_error)
     assert error <= tolerance, f"max |zoo - twin fp64| = {error:.2e} > {tolerance:.2e} (twin fp32 error {twin_error:.2e})"
