@@ -350,7 +350,7 @@ def test_weight_storage_exports_cover_every_weight_op():
 
 
 @pytest.mark.parametrize("family,quantization", QUANTIZED)
-def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_cache):
+def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_cache, record_property):
     name, weights, _ = export_setup(family)
     module, variables, cfg, x, labels, calib = _setup(family, photos)
     kwargs = {"representative_data": calib} if quantization != "fp16" else {}  # with bias correction (module doc)
@@ -360,6 +360,9 @@ def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_
                     verify_labels=labels if weights == "random" else None, progress=False, **kwargs)
     v = res.verification
     print(f"\n{family} ({name}, {weights}) {quantization}: {v.summary()}\n  {res.delegate.summary()}")
+    for key, value in (("model", name), ("top1_agreement", v.top1_agreement), ("sqnr_db", v.sqnr_db),
+                       ("partitions", res.delegate.partitions), ("float_islands", len(res.ops.float_islands))):
+        record_property(key, value)  # reported per family (pytest --junitxml)
     assert not res.ops.unsupported and v.num_inputs == 64 * len(VERIFY_SEEDS[weights])
     assert res.metadata["bias_correction"] == (quantization != "fp16")
     assert res.metadata["equalization"] == (quantization == "int8")
