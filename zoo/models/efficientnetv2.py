@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from zoo.config import INCEPTION_MEAN, INCEPTION_STD, ModelCfg
+from zoo.config import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, ModelCfg
 from zoo.layers.norm import BN_EPS_TF, BN_EPS_TORCH
 from zoo.models.mobilenet_base import MobileNet, feature_info, make_divisible, resolve_stages, stage
 from zoo.models._mobile_convert import timm_rename
@@ -63,7 +63,7 @@ VARIANTS = {
     "tf_efficientnetv2_b3": (BASE, 1.2, 1.4, True, 32, 1280, (
         timm_weights("tf_efficientnetv2_b3", "in21k_ft_in1k", top1=81.078, top5=95.92, **_B3_21K),
         timm_weights("tf_efficientnetv2_b3", "in1k", _EFFV2 + "tf_efficientnetv2_b3-57773f13.pth", top1=80.708,
-                     top5=95.178, input_size=(240, 240), crop_pct=0.904),
+                     top5=95.178, input_size=(240, 240), crop_pct=0.904, mean=IMAGENET_MEAN, std=IMAGENET_STD),
     ), _B3_21K),
     "efficientnetv2_rw_t": (SMALL, 0.8, 0.9, False, 24, 1280, (
         timm_weights("efficientnetv2_rw_t", "ra2_in1k", _REL + "efficientnetv2_t_agc-3620981a.pth", top1=81.37,
