@@ -3,8 +3,8 @@
 Width and depth multipliers change channel counts and repeats, never which ops a network traces to, so a check of
 what the exporter or a pass does with each kind of op needs one model per distinct architecture, not per name. Two
 models are the same architecture when they belong to the same family and their jaxprs (inference, a small input)
-use the same set of op signatures: the primitive, and for convolutions whether they are grouped and whether their
-padding is symmetric (PyTorch's) or not (TensorFlow's "SAME"). A new family or variant enters every test that uses
+use the same set of op signatures: the primitive, and for convolutions whether they are dense, depthwise or grouped
+otherwise, and whether their padding is symmetric (PyTorch's) or not (TensorFlow's "SAME"). A new family or variant enters every test that uses
 these lists without editing them.
 """
 
@@ -44,9 +44,12 @@ def _param_count(name: str) -> int:
 
 def _op_token(eqn) -> tuple:
     if eqn.primitive.name == "conv_general_dilated":
-        grouped = eqn.params["feature_group_count"] > 1
+        groups = eqn.params["feature_group_count"]
+        kernel = eqn.invars[1].aval.shape
+        per_group_in = kernel[eqn.params["dimension_numbers"].rhs_spec[1]]
+        kind = "dense" if groups == 1 else "depthwise" if per_group_in == 1 else "grouped"
         symmetric = all(lo == hi for lo, hi in eqn.params["padding"])
-        return ("conv", grouped, symmetric)
+        return ("conv", kind, symmetric)
     return (eqn.primitive.name,)
 
 

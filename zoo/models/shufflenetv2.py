@@ -126,7 +126,9 @@ class ShuffleNetV2(nn.Module):
         conv, norm, dense = layer_factories(self.conv, self.norm, self.dense, bn_eps=self.bn_eps, dtype=self.dtype)
         x = ConvNormAct(self.widths.stem, conv, norm, kernel=3, stride=2, name="stem")(x, train)
         maps = [x]
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        # zero padding equals -inf padding after the ReLU, and exports as PAD + MAX_POOL_2D (XNNPACK runs both; a
+        # -inf pad is a PADV2 it does not)
+        x = nn.max_pool(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), strides=(2, 2))
         maps.append(x)
         make = partial(make_unit, conv=conv, norm=norm)
         for i, (n, c) in enumerate(zip(self.repeats, self.widths.stages)):
