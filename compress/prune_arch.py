@@ -52,6 +52,7 @@ def pruned_name(base: str, removed_fraction: float) -> str:
 
 
 EXPANDING = ("ir", "er")  # blocks whose middle width is their own (the others' mirrors their input)
+KNOWN_KINDS = ("ds", "ir", "er", "cn")  # the block kinds whose layers pruning knows; others keep every width
 
 
 def has_skip(b) -> bool:
@@ -73,7 +74,9 @@ def free_outputs(stages) -> set[tuple[int, int]]:
     free = set()
     for k, (i, j, b) in enumerate(flat):
         nxt = flat[k + 1][2] if k + 1 < len(flat) else None
-        if has_skip(b) or mixed(b) or (nxt is not None and (has_skip(nxt) or mixed(nxt))):
+        if b.kind not in KNOWN_KINDS or has_skip(b) or mixed(b):
+            continue
+        if nxt is not None and (nxt.kind not in KNOWN_KINDS or has_skip(nxt) or mixed(nxt)):
             continue
         free.add((i, j))
     return free
