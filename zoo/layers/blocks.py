@@ -183,6 +183,43 @@ class EdgeResidual(nn.Module):
         return x
 
 
+class UniversalInvertedResidual(nn.Module):
+    """[dw start -> BN] -> pw expand -> BN -> act -> [dw mid -> BN -> act] -> pw linear -> BN [+ skip] ('uir': the
+    Universal Inverted Bottleneck of MobileNetV4). Its optional depthwise convs give the inverted residual (mid only),
+    ConvNeXt-like (start only), ExtraDW (both) and FFN (neither) blocks. Each stage is a `ConvNormAct` named as timm's
+    (`dw_start`, `pw_exp`, `dw_mid`, `pw_proj`, each with `conv` and `bn`).
+    """
+
+    out_chs: int
+    mid_chs: int
+    conv: ModuleDef
+    norm: ModuleDef
+    start_kernel: int = 0  # 0: no depthwise conv before the expansion
+    kernel: int = 3  # the middle depthwise conv's kernel; 0: none
+    stride: int = 1
+    act: str = "relu"
+    noskip: bool = False
+    drop_path_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.stride > 1 and not (self.start_kernel or self.kernel):
+            raise ValueError("a strided 'uir' block needs a start or middle depthwise conv to downsample")
+        in_chs = x.shape[-1]
+        shortcut = x
+        if self.start_kernel:  # downsamples only where no middle conv follows (timm)
+            x = ConvNormAct(in_chs, self.conv, self.norm, self.start_kernel, 1 if self.kernel else self.stride,
+                            groups=in_chs, act=None, name="dw_start")(x, train)
+        x = ConvNormAct(self.mid_chs, self.conv, self.norm, 1, act=self.act, name="pw_exp")(x, train)
+        if self.kernel:
+            x = ConvNormAct(self.mid_chs, self.conv, self.norm, self.kernel, self.stride, groups=self.mid_chs,
+                            act=self.act, name="dw_mid")(x, train)
+        x = ConvNormAct(self.out_chs, self.conv, self.norm, 1, act=None, name="pw_proj")(x, train)
+        if self.stride == 1 and in_chs == self.out_chs and not self.noskip:
+            x = drop_path(x, self.drop_path_rate, train, self) + shortcut
+        return x
+
+
 class Stage(nn.Module):
     """Blocks `block_0`, `block_1`, ... in sequence: `make(spec, drop_path_rate, name=...)` builds each from its spec.
 

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from zoo.config import FeatureInfo
 from zoo.inputs import check_images
 from zoo.layers.activations import get_act
-from zoo.layers.blocks import ConvNormAct, DepthwiseSeparable, EdgeResidual, InvertedResidual, Stage
+from zoo.layers.blocks import (ConvNormAct, DepthwiseSeparable, EdgeResidual, InvertedResidual, Stage,
+                               UniversalInvertedResidual)
 from zoo.layers.mixed_conv import MixedKernels, mixing
 from zoo.models.backbone import feature_dict, layer_factories, stage_feature_info
 from zoo.models.heads import classify
@@ -39,12 +40,14 @@ class BlockSpec:
     """One row of a stage table: `repeat` blocks of `kind` to width `out`, the first with `stride`.
 
     kind: "ds" (depthwise-separable), "ir" (inverted residual expanding the input width by `expand`), "er" (edge
-    residual: the fused inverted residual, one kxk conv expanding by `expand`) or "cn" (conv, BN, act). `se`: squeeze-excite ratio (0: none); `act` overrides the network activation for these blocks (e.g.
+    residual: the fused inverted residual, one kxk conv expanding by `expand`), "uir" (MobileNetV4's universal
+    inverted bottleneck: a depthwise conv of `start_kernel` before the expansion and one of `kernel` after it, either
+    0 for none) or "cn" (conv, BN, act). `se`: squeeze-excite ratio (0: none); `act` overrides the network activation for these blocks (e.g.
     ReLU in MobileNetV3's early stages). `pw_act`: a 'ds' block activates its pointwise output too (timm's 'dsa',
     MobileNetV1 and LCNet); `noskip`: no residual even where the shapes allow one.
     """
 
-    kind: Literal["ds", "ir", "er", "cn"]
+    kind: Literal["ds", "ir", "er", "uir", "cn"]
     repeat: int
     kernel: int | tuple[int, ...]
     stride: int
@@ -59,6 +62,7 @@ class BlockSpec:
     # `exp_splits`/`pwl_splits` > 1 split the 1x1 expansion/projection into convs on that many channel groups
     exp_splits: int = 1
     pwl_splits: int = 1
+    start_kernel: int = 0  # 'uir' only
 
 
 def stage(*rows: BlockSpec, **row) -> tuple[BlockSpec, ...]:
@@ -88,6 +92,7 @@ class Block:
     skip: bool = False
     exp_splits: int = 1
     pwl_splits: int = 1
+    start_kernel: int = 0
 
 
 def _scale_depth(specs: tuple[BlockSpec, ...], multiplier: float, trunc: str = "ceil") -> list[BlockSpec]:
@@ -131,7 +136,7 @@ def resolve_stages(
         blocks = []
         for j, spec in enumerate(_scale_depth(specs, 1.0 if fixed else depth, depth_trunc)):
             out_chs = make_divisible(spec.out * width, round_limit=round_limit)
-            mid_chs = make_divisible(in_chs * spec.expand) if spec.kind in ("ir", "er") else in_chs
+            mid_chs = make_divisible(in_chs * spec.expand) if spec.kind in ("ir", "er", "uir") else in_chs
             se_chs = 0
             if spec.se:
                 ratio = spec.se if se_from_exp else spec.se / spec.expand
@@ -139,7 +144,8 @@ def resolve_stages(
                 se_chs = make_divisible(rd, round_limit=round_limit) if se_round == "divisible" else round(rd)
             blocks.append(
                 Block(spec.kind, in_chs, out_chs, mid_chs, spec.kernel, spec.stride if j == 0 else 1,
-                      spec.act or act, se_chs, spec.pw_act, spec.noskip, spec.skip, spec.exp_splits, spec.pwl_splits)
+                      spec.act or act, se_chs, spec.pw_act, spec.noskip, spec.skip, spec.exp_splits, spec.pwl_splits,
+                      spec.start_kernel)
             )
             in_chs = out_chs
         stages.append(tuple(blocks))
@@ -169,10 +175,15 @@ def _with_bias(conv):
 
 
 def make_block(b: Block, drop_path_rate: float, *, conv, norm, se_act: str, se_gate: str, name: str) -> nn.Module:
-    """The module of one resolved block ('cn', 'ds', 'ir' or 'er'), from the shared block library."""
+    """The module of one resolved block ('cn', 'ds', 'ir', 'er' or 'uir'), from the shared block library."""
     common = dict(conv=conv, norm=norm, kernel=b.kernel, stride=b.stride, act=b.act, name=name)
     if b.kind == "cn":
         return ConvNormAct(b.out_chs, **common, norm_name="bn1", skip=b.skip)
+    if b.kind == "uir":
+        if b.se_chs:
+            raise ValueError(f"block {name}: 'uir' blocks are built without squeeze-excite (MobileNetV4 has none)")
+        return UniversalInvertedResidual(b.out_chs, b.mid_chs, **common, start_kernel=b.start_kernel,
+                                         noskip=b.noskip, drop_path_rate=drop_path_rate)
     se = dict(se_chs=b.se_chs, se_act=se_act, se_gate=se_gate, drop_path_rate=drop_path_rate)
     if b.kind == "ds":
         return DepthwiseSeparable(b.out_chs, **common, **se, pw_act=b.pw_act, noskip=b.noskip)
@@ -192,7 +203,7 @@ class MobileNetHead(nn.Module):
 
     head_type "efficientnet": 1x1 conv + BN + act, then global pool (MobileNetV2, EfficientNet).
     head_type "mobilenetv3": global pool, then 1x1 conv (with bias unless `head_bias=False`) + act, no BN
-    (MobileNetV3; FBNetV3 without the bias).
+    (MobileNetV3; FBNetV3 without the bias), or with `head_norm` a BN before the act (MobileNetV4).
     head_type "pool": global pool only, `num_features` is the last stage's width (MobileNetV1 without a head conv).
     """
 
@@ -205,6 +216,7 @@ class MobileNetHead(nn.Module):
     dense: Any = nn.Dense
     drop_rate: float = 0.0
     head_bias: bool = True
+    head_norm: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False, pre_logits: bool = False):
@@ -218,7 +230,10 @@ class MobileNetHead(nn.Module):
                 x = jnp.mean(x, axis=(1, 2), keepdims=True)
             else:
                 x = jnp.mean(x, axis=(1, 2), keepdims=True)
-                x = act(self.conv(self.num_features, 1, use_bias=self.head_bias, name="conv")(x))
+                x = self.conv(self.num_features, 1, use_bias=self.head_bias, name="conv")(x)
+                if self.head_norm:
+                    x = self.norm(use_running_average=not train, name="bn")(x)
+                x = act(x)
             return x.reshape(x.shape[0], -1)
         return classify(x, self.num_classes, self.drop_rate, self.dense, train)  # `head/fc`
 
@@ -244,6 +259,7 @@ class MobileNet(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     head_bias: bool = True  # the "mobilenetv3" head conv's bias
+    head_norm: bool = False  # a BatchNorm after the "mobilenetv3" head conv (MobileNetV4)
     dtype: Any = None  # compute dtype (e.g. jnp.bfloat16); parameters stay float32
     # injected layer factories (None: the defaults; see `zoo.models.backbone.layer_factories`)
     conv: Any = None
@@ -275,8 +291,8 @@ class MobileNet(nn.Module):
             if f"stages_{i}" in names:
                 maps.append(x)
         head = MobileNetHead(self.num_features, self.num_classes, self.head_type, self.act,
-                             head_conv if self.head_type == "mobilenetv3" else conv, norm, dense,
-                             self.drop_rate, self.head_bias, name="head")
+                             head_conv if self.head_type == "mobilenetv3" and not self.head_norm else conv, norm,
+                             dense, self.drop_rate, self.head_bias, self.head_norm, name="head")
         feats = feature_dict(names, maps, head(x, train, pre_logits=True))
         if features:
             return feats
