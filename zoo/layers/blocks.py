@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.layers.activations import get_act
+from zoo.layers.scale import LayerScale
 
 ModuleDef = Any
 
@@ -32,6 +33,34 @@ class SqueezeExcite(nn.Module):
         s = get_act(self.act)(s)
         s = self.conv(x.shape[-1], 1, use_bias=True, name="conv_expand")(s)
         return x * get_act(self.gate)(s)
+
+
+def _avg_pool_2x2(x):
+    """2x2 average pooling, stride 2, an odd last row/column dropped (torch `AvgPool2d(2)`)."""
+    n, h, w, c = x.shape
+    x = x[:, :h // 2 * 2, :w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def _blur_pool_2x(x):
+    """The 3x3 binomial blur ([1, 2, 1] / 4 in each direction), stride 2, zero padding 1 (timm's 'blurpc' BlurPool2d):
+    a fixed depthwise filter, no parameters."""
+    c = x.shape[-1]
+    taps = jnp.array([1.0, 2.0, 1.0], x.dtype) / 4
+    kernel = jnp.tile((taps[:, None] * taps[None, :])[:, :, None, None], (1, 1, 1, c))  # HWIO, one filter per channel
+    return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)), feature_group_count=c,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# Anti-aliased downsampling (Zhang, "Making Convolutional Networks Shift-Invariant Again", arXiv:1904.11486): a
+# strided conv becomes the stride-1 conv, its norm and act, then one of these low-pass stride-2 pools.
+ANTIALIAS = {"avg": _avg_pool_2x2, "blur": _blur_pool_2x}
+
+
+def antialias_pool(aa: str):
+    if aa not in ANTIALIAS:
+        raise ValueError(f"unknown anti-aliasing pool {aa!r}; expected one of {sorted(ANTIALIAS)}")
+    return ANTIALIAS[aa]
 
 
 def drop_path(x, rate: float, train: bool, module: nn.Module):
@@ -59,14 +88,21 @@ class ConvNormAct(nn.Module):
     act: str | None = "relu"  # None: no activation (a linear projection)
     skip: bool = False
     norm_name: str = "bn"
+    aa: str | None = None  # a strided conv downsamples by this anti-aliasing pool after its act instead
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         shortcut = x
-        x = self.conv(self.out_chs, self.kernel, stride=self.stride, groups=self.groups, name="conv")(x)
+        pool = antialias_pool(self.aa) if self.aa and self.stride > 1 else None
+        x = self.conv(self.out_chs, self.kernel, stride=1 if pool else self.stride, groups=self.groups,
+                      name="conv")(x)
         x = self.norm(use_running_average=not train, name=self.norm_name)(x)
         if self.act:
             x = get_act(self.act)(x)
+        if pool:
+            if self.stride != 2:
+                raise ValueError(f"anti-aliased downsampling is by 2, not {self.stride}")
+            x = pool(x)
         if self.skip and self.stride == 1 and shortcut.shape[-1] == self.out_chs:
             x = x + shortcut
         return x
@@ -166,14 +202,18 @@ class EdgeResidual(nn.Module):
     se_gate: str = "sigmoid"
     noskip: bool = False
     drop_path_rate: float = 0.0
+    aa: str | None = None  # anti-aliased downsampling (see `ConvNormAct`)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         in_chs = x.shape[-1]
         shortcut = x
         act = get_act(self.act)
-        x = self.conv(self.mid_chs, self.kernel, stride=self.stride, name="conv_exp")(x)
+        pool = antialias_pool(self.aa) if self.aa and self.stride > 1 else None
+        x = self.conv(self.mid_chs, self.kernel, stride=1 if pool else self.stride, name="conv_exp")(x)
         x = act(self.norm(use_running_average=not train, name="bn1")(x))
+        if pool:
+            x = pool(x)
         if self.se_chs:
             x = SqueezeExcite(self.se_chs, self.conv, self.se_act, self.se_gate, name="se")(x)
         x = self.conv(self.out_chs, 1, name="conv_pwl")(x)
@@ -200,6 +240,8 @@ class UniversalInvertedResidual(nn.Module):
     act: str = "relu"
     noskip: bool = False
     drop_path_rate: float = 0.0
+    aa: str | None = None  # anti-aliased downsampling in the strided depthwise conv (see `ConvNormAct`)
+    layer_scale: float | None = None  # init value of a per-channel gain on the residual branch (`layer_scale/gamma`)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -209,12 +251,14 @@ class UniversalInvertedResidual(nn.Module):
         shortcut = x
         if self.start_kernel:  # downsamples only where no middle conv follows (timm)
             x = ConvNormAct(in_chs, self.conv, self.norm, self.start_kernel, 1 if self.kernel else self.stride,
-                            groups=in_chs, act=None, name="dw_start")(x, train)
+                            groups=in_chs, act=None, aa=self.aa, name="dw_start")(x, train)
         x = ConvNormAct(self.mid_chs, self.conv, self.norm, 1, act=self.act, name="pw_exp")(x, train)
         if self.kernel:
             x = ConvNormAct(self.mid_chs, self.conv, self.norm, self.kernel, self.stride, groups=self.mid_chs,
-                            act=self.act, name="dw_mid")(x, train)
+                            act=self.act, aa=self.aa, name="dw_mid")(x, train)
         x = ConvNormAct(self.out_chs, self.conv, self.norm, 1, act=None, name="pw_proj")(x, train)
+        if self.layer_scale is not None:
+            x = LayerScale(self.layer_scale, name="layer_scale")(x)
         if self.stride == 1 and in_chs == self.out_chs and not self.noskip:
             x = drop_path(x, self.drop_path_rate, train, self) + shortcut
         return x

@@ -174,21 +174,28 @@ def _with_bias(conv):
     return lambda *args, **kwargs: conv(*args, **{**kwargs, "use_bias": True})
 
 
-def make_block(b: Block, drop_path_rate: float, *, conv, norm, se_act: str, se_gate: str, name: str) -> nn.Module:
-    """The module of one resolved block ('cn', 'ds', 'ir', 'er' or 'uir'), from the shared block library."""
+def make_block(b: Block, drop_path_rate: float, *, conv, norm, se_act: str, se_gate: str, name: str,
+               aa: str | None = None, layer_scale: float | None = None) -> nn.Module:
+    """The module of one resolved block ('cn', 'ds', 'ir', 'er' or 'uir'), from the shared block library.
+
+    `aa`: anti-aliased downsampling in strided 'cn', 'er' and 'uir' blocks; `layer_scale`: the init value of 'uir'
+    blocks' layer scale (None: none)."""
     common = dict(conv=conv, norm=norm, kernel=b.kernel, stride=b.stride, act=b.act, name=name)
+    if aa and b.kind in ("ds", "ir"):
+        raise ValueError(f"block {name}: anti-aliased downsampling is built for 'cn', 'er' and 'uir' blocks only")
     if b.kind == "cn":
-        return ConvNormAct(b.out_chs, **common, norm_name="bn1", skip=b.skip)
+        return ConvNormAct(b.out_chs, **common, norm_name="bn1", skip=b.skip, aa=aa)
     if b.kind == "uir":
         if b.se_chs:
             raise ValueError(f"block {name}: 'uir' blocks are built without squeeze-excite (MobileNetV4 has none)")
         return UniversalInvertedResidual(b.out_chs, b.mid_chs, **common, start_kernel=b.start_kernel,
-                                         noskip=b.noskip, drop_path_rate=drop_path_rate)
+                                         noskip=b.noskip, drop_path_rate=drop_path_rate, aa=aa,
+                                         layer_scale=layer_scale)
     se = dict(se_chs=b.se_chs, se_act=se_act, se_gate=se_gate, drop_path_rate=drop_path_rate)
     if b.kind == "ds":
         return DepthwiseSeparable(b.out_chs, **common, **se, pw_act=b.pw_act, noskip=b.noskip)
     if b.kind == "er":
-        return EdgeResidual(b.out_chs, b.mid_chs, **common, **se, noskip=b.noskip)
+        return EdgeResidual(b.out_chs, b.mid_chs, **common, **se, noskip=b.noskip, aa=aa)
     if isinstance(b.kernel, tuple) or b.exp_splits > 1 or b.pwl_splits > 1:  # MixNet: mixed convs in the block
         common.update(conv=mixing(conv), kernel=MixedKernels(b.kernel) if isinstance(b.kernel, tuple) else b.kernel)
         se.update(exp_kernel=MixedKernels((1,) * b.exp_splits) if b.exp_splits > 1 else 1,
@@ -260,6 +267,8 @@ class MobileNet(nn.Module):
     drop_path_rate: float = 0.0
     head_bias: bool = True  # the "mobilenetv3" head conv's bias
     head_norm: bool = False  # a BatchNorm after the "mobilenetv3" head conv (MobileNetV4)
+    aa: str | None = None  # anti-aliased downsampling in the blocks ("avg" or "blur", see `zoo.layers.blocks`)
+    layer_scale: float | None = None  # 'uir' blocks' layer scale init value (None: no layer scale)
     dtype: Any = None  # compute dtype (e.g. jnp.bfloat16); parameters stay float32
     # injected layer factories (None: the defaults; see `zoo.models.backbone.layer_factories`)
     conv: Any = None
@@ -279,7 +288,8 @@ class MobileNet(nn.Module):
             conv, norm = _with_bias(conv), FoldedNorm
         x = ConvNormAct(self.stem_chs, conv, norm, kernel=3, stride=2, act=self.act, norm_name="bn1", name="stem")(
             x, train)
-        make = partial(make_block, conv=conv, norm=norm, se_act=self.se_act, se_gate=self.se_gate)
+        make = partial(make_block, conv=conv, norm=norm, se_act=self.se_act, se_gate=self.se_gate, aa=self.aa,
+                       layer_scale=self.layer_scale)
         n_blocks = sum(len(s) for s in self.stages)
         names = [f.name for f in feature_info(self.stages)]
         seen, maps = 0, [x] if "stem" in names else []

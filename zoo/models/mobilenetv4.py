@@ -81,31 +81,41 @@ LARGE = (
     HEAD,
 )
 
-# name: (table, width, stem width, act, pretrained weights); a model's default input size is that of timm's
-# default (first) tag
+# name: (table, width, stem width, act, anti-aliasing pool, pretrained weights); a model's default input size is that
+# of timm's default (first) tag. The anti-aliased variants (timm's experimental "aa" and "blur" models, not in the
+# paper) downsample by a stride-1 conv and a 2x2 average or 3x3 blur pool in every strided block.
 _BICUBIC = dict(interpolation="bicubic")
 _R256 = dict(input_size=(256, 256), crop_pct=0.95)
 _R384 = dict(input_size=(384, 384), crop_pct=0.95)
 VARIANTS = {
-    "mobilenetv4_conv_small": (SMALL, 1.0, 32, "relu", (
+    "mobilenetv4_conv_small": (SMALL, 1.0, 32, "relu", None, (
         timm_weights("mobilenetv4_conv_small", "e2400_r224_in1k", **_BICUBIC),
         timm_weights("mobilenetv4_conv_small", "e1200_r224_in1k", **_BICUBIC),
         timm_weights("mobilenetv4_conv_small", "e3600_r256_in1k", mean=INCEPTION_MEAN, std=INCEPTION_STD, **_R256,
                      **_BICUBIC),
     )),
-    "mobilenetv4_conv_small_050": (SMALL, 0.5, 32, "relu", (
+    "mobilenetv4_conv_small_050": (SMALL, 0.5, 32, "relu", None, (
         timm_weights("mobilenetv4_conv_small_050", "e3000_r224_in1k", mean=INCEPTION_MEAN, std=INCEPTION_STD,
                      **_BICUBIC),
     )),
-    "mobilenetv4_conv_medium": (MEDIUM, 1.0, 32, "relu", (
+    "mobilenetv4_conv_medium": (MEDIUM, 1.0, 32, "relu", None, (
         timm_weights("mobilenetv4_conv_medium", "e500_r256_in1k", **_R256, **_BICUBIC),
         timm_weights("mobilenetv4_conv_medium", "e500_r224_in1k", input_size=(224, 224), crop_pct=0.95,
                      **_BICUBIC),
         timm_weights("mobilenetv4_conv_medium", "e250_r384_in12k_ft_in1k", **_R384, **_BICUBIC),
     )),
-    "mobilenetv4_conv_large": (LARGE, 1.0, 24, "relu", (
+    "mobilenetv4_conv_large": (LARGE, 1.0, 24, "relu", None, (
         timm_weights("mobilenetv4_conv_large", "e600_r384_in1k", **_R384, **_BICUBIC),
         timm_weights("mobilenetv4_conv_large", "e500_r256_in1k", **_R256, **_BICUBIC),
+    )),
+    "mobilenetv4_conv_blur_medium": (MEDIUM, 1.0, 32, "relu", "blur", (
+        timm_weights("mobilenetv4_conv_blur_medium", "e500_r224_in1k", crop_pct=0.95, **_BICUBIC),
+    )),
+    "mobilenetv4_conv_aa_large": (LARGE, 1.0, 24, "relu", "avg", (
+        timm_weights("mobilenetv4_conv_aa_large", "e230_r448_in12k_ft_in1k", input_size=(448, 448), crop_pct=0.95,
+                     **_BICUBIC),
+        timm_weights("mobilenetv4_conv_aa_large", "e230_r384_in12k_ft_in1k", **_R384, **_BICUBIC),
+        timm_weights("mobilenetv4_conv_aa_large", "e600_r384_in1k", **_R384, **_BICUBIC),
     )),
 }
 
@@ -116,16 +126,16 @@ def timm_rename(module: MobileNet):
     return lambda path: "head/bn" if path == "norm_head" else rename(path)
 
 
-def _build(table, width: float, stem: int, act: str, **overrides) -> MobileNet:
+def _build(table, width: float, stem: int, act: str, aa: str | None, **overrides) -> MobileNet:
     stem = stem if width < 1.0 else make_divisible(stem * width)  # timm keeps the stem fixed below width 1
     stages = resolve_stages(table, stem_chs=stem, act=act, width=width)
     kwargs = dict(stages=stages, stem_chs=stem, num_features=1280, head_type="mobilenetv3", act=act,
-                  head_bias=False, head_norm=True)
+                  head_bias=False, head_norm=True, aa=aa)
     return MobileNet(**{**kwargs, **overrides})
 
 
-for _name, (_table, _width, _stem, _act, _weights) in VARIANTS.items():
-    _fn = partial(_build, _table, _width, _stem, _act)
+for _name, (_table, _width, _stem, _act, _aa, _weights) in VARIANTS.items():
+    _fn = partial(_build, _table, _width, _stem, _act, _aa)
     register_model(
         ModelCfg(name=_name, family="mobilenetv4", feature_info=feature_info(_fn().stages),
                  paper="arXiv:2404.10518 appendix tables (MNv4-Conv-S/M/L)", twin=f"timm:{_name}",
