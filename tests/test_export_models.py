@@ -310,7 +310,18 @@ VERIFY_SEEDS = {"pretrained": (0, 100, 101, 102), "random": (0,)}
 # (family, quantization): (top-1 agreement, SQNR dB, agreement on decisive crops) floors where the shared ones do
 # not hold (module doc)
 BARS = {("mobileone", "dynamic"): (0.80, 15.0, 1.0), ("mobileone", "int8"): (0.55, 6.0, 1.0),
-        ("levit", "int8"): (0.9, 6.0, 0.95)}
+        ("levit", "int8"): (0.9, 6.0, 0.95),
+        # measured on an Intel Xeon (AVX-512), 64 crops, random weights (module doc):
+        # mnasnet_small 81.2%, 9.3 dB, 35 of 37 decisive crops (flips at JAX margins <= 1.28);
+        ("mnasnet", "int8"): (0.6, 8.0, 0.9),
+        # tinynet_e 84.4%, 6.1 dB (logits up to 39), all 3 decisive crops;
+        ("tinynet", "int8"): (0.6, 5.0, 0.6),
+        # starnet_s1 93.8% but 2.1 dB, 5 of 7 decisive crops: the star operation multiplies two int8 branches, so
+        # the product's range is the square of theirs and its int8 steps coarse; StarNet needs QAT or its products
+        # kept float for usable int8 logits
+        ("starnet", "int8"): (0.85, 1.0, 0.5)}
+# int8 exports equalize activation ranges through BatchNorms; these families' deploy forms have none left
+EQUALIZATION_SKIPPED = {"mixnet": "its deploy form folds every BatchNorm (after mixed convs, by MixNet's own fold)"}
 # the stages whose residual streams int8 exports split by rows (to_tflite's default "auto", export.row_split)
 INT8_SPLIT_TOP_ROW = {"mobilenetv2": "stages_5/"}
 
@@ -376,7 +387,7 @@ def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_
         record_property(key, value)  # reported per family (pytest --junitxml)
     assert not res.ops.unsupported and v.num_inputs == 64 * len(VERIFY_SEEDS[weights])
     assert res.metadata["bias_correction"] == (quantization != "fp16")
-    assert res.metadata["equalization"] == (quantization == "int8")
+    assert res.metadata["equalization"] == (quantization == "int8" and family not in EQUALIZATION_SKIPPED)
     # one XNNPACK partition in every mode: int8 hard-swish rewritten, dynamic-range depthwise weights kept float
     assert res.delegate.partitions == 1 and not res.delegate.not_delegated
     if quantization == "int8":
