@@ -11,6 +11,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from zoo.layers.activations import get_act
 from zoo.layers.scale import LayerScale
@@ -46,8 +47,10 @@ def _blur_pool_2x(x):
     """The 3x3 binomial blur ([1, 2, 1] / 4 in each direction), stride 2, zero padding 1 (timm's 'blurpc' BlurPool2d):
     a fixed depthwise filter, no parameters."""
     c = x.shape[-1]
-    taps = jnp.array([1.0, 2.0, 1.0], x.dtype) / 4
-    kernel = jnp.tile((taps[:, None] * taps[None, :])[:, :, None, None], (1, 1, 1, c))  # HWIO, one filter per channel
+    taps = np.array([1.0, 2.0, 1.0]) / 4
+    # HWIO, one filter per channel, built in numpy: the exported graph holds it as one constant (tiled in the traced
+    # graph it became a BROADCAST_TO feeding the depthwise conv, which XNNPACK does not take)
+    kernel = jnp.asarray(np.tile((taps[:, None] * taps[None, :])[:, :, None, None], (1, 1, 1, c)), x.dtype)
     return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)), feature_group_count=c,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
