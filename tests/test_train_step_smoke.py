@@ -22,7 +22,10 @@ FAMILIES = families()
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_forward_backward_updates_batch_stats(family):
     name = smallest(FAMILIES[family])
-    module = zoo.create_model(name, num_classes=7, drop_rate=0.1, drop_path_rate=0.1)
+    # stochastic depth where the family has it (GhostNet, RepGhost and ShuffleNetV2 have none, as their twins)
+    fields = type(zoo.create_model(name)).__dataclass_fields__
+    module = zoo.create_model(name, num_classes=7, drop_rate=0.1,
+                              **({"drop_path_rate": 0.1} if "drop_path_rate" in fields else {}))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 64, 64, 3)), jnp.float32)
     y = jnp.arange(4) % 7
     variables = random_variables(module, x.shape)
@@ -35,13 +38,17 @@ def test_forward_backward_updates_batch_stats(family):
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    (loss, updates), grads = loss_and_grads(variables["params"], variables["batch_stats"], jax.random.key(1))
+    # ConvNeXt normalizes with LayerNorm only: no statistics to update
+    (loss, updates), grads = loss_and_grads(variables["params"], variables.get("batch_stats", {}), jax.random.key(1))
     assert np.isfinite(float(loss))
     leaves = jax.tree_util.tree_leaves(grads)
     assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
     assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) > 0.9 * len(leaves)  # gradient reaches the layers
-    old, new = jax.tree_util.tree_leaves(variables["batch_stats"]), jax.tree_util.tree_leaves(updates["batch_stats"])
-    assert any(not np.allclose(a, b) for a, b in zip(old, new))
+    old = jax.tree_util.tree_leaves(variables.get("batch_stats", {}))
+    new = jax.tree_util.tree_leaves(updates.get("batch_stats", {}))
+    assert len(old) == len(new)
+    if old:
+        assert any(not np.allclose(a, b) for a, b in zip(old, new))
     # eval mode is deterministic and leaves the statistics alone
     evaluate = jax.jit(lambda v: module.apply(v, x, train=False))
     out1, out2 = evaluate(variables), evaluate(variables)
