@@ -161,6 +161,19 @@ def test_checkpoint_of_another_model_names_the_parameters(tmp_path):
         zoo.load(NAME, weights=str(path))
 
 
+@pytest.mark.parametrize("source, target, first", [
+    ("timm:lcnet_050", "mobilenetv1_100", "unexpected: blocks.4.2.conv_dw.weight"),
+    ("torchvision:shufflenet_v2_x0_5", "regnet_x_400mf", "unexpected: conv1.0.weight"),
+    ("timm:ghostnet_100", "repghostnet_100", "shape: blocks.0.0.ghost2.primary_conv.0.weight"),
+])
+def test_checkpoint_of_another_family_names_the_first_mismatches(tmp_path, source, target, first):
+    path = tmp_path / "other.pth"
+    torch.save(twin_model(source).state_dict(), path)
+    with pytest.raises(WeightsMismatchError, match="checkpoint does not fit the model") as err:
+        zoo.load(target, weights=str(path), layout=source.split(":")[0])
+    assert str(err.value).splitlines()[1].strip().startswith(first)
+
+
 def test_new_num_classes_resets_only_the_classifier(tmp_path, twin_file, caplog):
     path = tmp_path / "w.safetensors"
     path.write_bytes(twin_file[0])
