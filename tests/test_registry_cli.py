@@ -72,3 +72,11 @@ def test_cli_predict_offline_top5(capsys, offline_cache):
     lines = capsys.readouterr().out.splitlines()
     assert "tf_efficientnet_lite0.in1k_pkg" in lines[0] and len(lines) == 6
     assert any(cat in lines[1] for cat in ("tiger cat", "Egyptian cat", "tabby"))
+
+
+def test_unknown_tag_lists_the_model_tags_and_the_family_weights():
+    with pytest.raises(zoo.UnknownModelError) as err:
+        registry.get_entry("mnasnet_100").pretrained_cfg("nope")
+    message = str(err.value)
+    assert "no pretrained tag 'nope'; its tags: rmsp_in1k" in message
+    assert "(mnasnet): " in message and "mnasnet0_5.imagenet1k_v1" in message and "semnasnet_100.rmsp_in1k" in message

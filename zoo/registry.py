@@ -42,7 +42,10 @@ class ModelEntry:
             if p.tag == tag:
                 return p
         tags = ", ".join(p.tag for p in self.pretrained) or "none"
-        raise UnknownModelError(f"model '{self.name}' has no pretrained tag '{tag}'; tags: {tags}")
+        family = [f"{e.name}.{p.tag}" for e in _REGISTRY.values() if e.cfg.family == self.cfg.family
+                  and e.name != self.name for p in e.pretrained]
+        others = f"; the family's other weights ({self.cfg.family}): {', '.join(family)}" if family else ""
+        raise UnknownModelError(f"model '{self.name}' has no pretrained tag '{tag}'; its tags: {tags}{others}")
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
