@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 
 import zoo
@@ -42,8 +43,10 @@ def _param_count(name: str) -> int:
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(variables["params"]))
 
 
-def _op_token(eqn) -> tuple:
+def _op_token(eqn, constant: set) -> tuple:
     if eqn.primitive.name == "conv_general_dilated":
+        if eqn.invars[1] in constant:  # a fixed filter (a blur pool), not a weight layer
+            return ("fixed_conv",)
         groups = eqn.params["feature_group_count"]
         kernel = eqn.invars[1].aval.shape
         per_group_in = kernel[eqn.params["dimension_numbers"].rhs_spec[1]]
@@ -61,15 +64,18 @@ def op_signature(name: str) -> frozenset:
     jaxpr = jax.make_jaxpr(lambda v, x: module.apply(v, x))(variables, jax.ShapeDtypeStruct(shape, jnp.float32))
     tokens: set[tuple] = set()
 
-    def walk(j) -> None:
+    def walk(j, constant: set) -> None:
+        """`constant`: the variables computed from constants only (not from the variables or the input)."""
         for eqn in j.eqns:
-            tokens.add(_op_token(eqn))
+            tokens.add(_op_token(eqn, constant))
+            if all(isinstance(v, jex_core.Literal) or v in constant for v in eqn.invars):
+                constant.update(eqn.outvars)
             for value in eqn.params.values():
                 inner = getattr(value, "jaxpr", value)
                 if hasattr(inner, "eqns"):
-                    walk(inner)
+                    walk(inner, set(getattr(inner, "constvars", ())))
 
-    walk(jaxpr.jaxpr)
+    walk(jaxpr.jaxpr, set(jaxpr.jaxpr.constvars))
     return frozenset(tokens)
 
 
