@@ -51,7 +51,7 @@ def pruned_name(base: str, removed_fraction: float) -> str:
     return f"{base}_pruned{int(round(100 * removed_fraction))}"
 
 
-EXPANDING = ("ir", "er")  # blocks whose middle width is their own (the others' mirrors their input)
+MIRRORING = ("ds", "cn")  # blocks whose middle width is their input's (no expansion)
 KNOWN_KINDS = ("ds", "ir", "er", "cn")  # the block kinds whose layers pruning knows; others keep every width
 
 
@@ -105,7 +105,7 @@ def apply_widths(stages, widths) -> tuple:
             if (w["se_chs"] == 0) != (b.se_chs == 0):
                 raise ValueError(f"{where}: widths {w} do not fit a '{b.kind}' block with se_chs={b.se_chs}")
             nb = replace(b, in_chs=in_chs, **w)
-            if b.kind not in EXPANDING:  # no expansion: mid_chs mirrors in_chs
+            if b.kind in MIRRORING:  # no expansion: mid_chs mirrors in_chs
                 nb = replace(nb, mid_chs=in_chs)
             if not has_skip(b) and b.kind != "cn" and nb.stride == 1 and nb.in_chs == nb.out_chs:
                 # narrower widths may make in == out: a block that had no residual must not gain one
