@@ -187,7 +187,7 @@ def correct_bias(module: nn.Module, variables: dict, data, *, batch_size: int = 
         bias = np.asarray(flat[f"{path}/bias"])
         flat[f"{path}/kernel"] = fake_quant_weight(kernel)
         flat[f"{path}/bias"] = (bias.astype(np.float64) - total[path]).astype(bias.dtype)
-    params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
+    params = jax.device_put(traverse_util.unflatten_dict(flat, sep="/"))
     corrected = {**variables, "params": params}
     if folds is None:
         return module, corrected

@@ -121,7 +121,7 @@ def reparameterize(module: nn.Module, variables: dict, *, input_shape=None) -> t
         return module, variables
     new_module = _as_deploy_module(module)
     _check_structure(new_module, new_vars, shape)
-    return new_module, jax.tree_util.tree_map(jnp.asarray, new_vars)
+    return new_module, jax.device_put(new_vars)
 
 
 def _deploy_pass(module: nn.Module, variables: dict, input_shape=None) -> tuple[nn.Module, dict]:

@@ -229,7 +229,7 @@ def equalize_activations(module: nn.Module, variables: dict, data, *, max_scale:
     apply = jax.jit(lambda v, xb: module.apply(v, xb, train=False))
 
     def with_moves(chosen) -> dict:
-        params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in _apply(flat, chosen).items()}, sep="/")
+        params = jax.device_put(traverse_util.unflatten_dict(_apply(flat, chosen), sep="/"))
         return {**variables, "params": params}
 
     def outputs(v) -> np.ndarray:

@@ -161,8 +161,8 @@ def fold_variables(variables: dict, folds) -> dict:
         beta = np.asarray(flat.get(f"params/{bn}/bias", np.zeros_like(mean)), np.float64)
         bias = np.asarray(flat.get(f"params/{conv}/bias", np.zeros_like(mean)), np.float64)
         s = gamma / np.sqrt(var + eps)
-        out[f"params/{conv}/kernel"] = jnp.asarray((kernel.astype(np.float64) * s).astype(kernel.dtype))
-        out[f"params/{conv}/bias"] = jnp.asarray(((bias - mean) * s + beta).astype(kernel.dtype))
+        out[f"params/{conv}/kernel"] = jax.device_put((kernel.astype(np.float64) * s).astype(kernel.dtype))
+        out[f"params/{conv}/bias"] = jax.device_put(((bias - mean) * s + beta).astype(kernel.dtype))
         for key in (f"params/{bn}/scale", f"params/{bn}/bias", f"batch_stats/{bn}/mean", f"batch_stats/{bn}/var"):
             out.pop(key, None)
     tree = traverse_util.unflatten_dict(out, sep="/")
@@ -192,7 +192,7 @@ def unfold_variables(variables: dict, folded: dict, folds) -> dict:
             out[f"params/{conv}/bias"] = jnp.zeros_like(bias)
         if f"params/{bn}/scale" in flat:
             out[f"params/{bn}/scale"] = jnp.ones_like(bias)
-        out[f"params/{bn}/bias"] = jnp.asarray(bias)
+        out[f"params/{bn}/bias"] = jax.device_put(bias)
         out[f"batch_stats/{bn}/mean"] = jnp.zeros_like(bias)
         out[f"batch_stats/{bn}/var"] = jnp.full_like(bias, 1.0 - eps)
     return traverse_util.unflatten_dict(out, sep="/")

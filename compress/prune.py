@@ -248,7 +248,7 @@ def prune_channels(model: zoo.Model, ratio: float | Mapping[str, float], *, crit
     wrong = [f"{k}: {flat[k].shape} vs {s}" for k, s in want.items() if flat[k].shape != s]
     if wrong:  # an inconsistency between channel_groups and the blocks' code; never expected
         raise AssertionError("sliced variables do not fit the pruned module: " + "; ".join(wrong[:5]))
-    variables = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
+    variables = jax.device_put(traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()}))
 
     reference = channel_groups(zoo.create_model(base, num_classes=module.num_classes))
     total = sum(g.size for g in reference if g.kind in scope)

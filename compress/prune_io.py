@@ -90,7 +90,7 @@ def load_pruned(path: str | os.PathLike) -> zoo.Model:
 
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, module.in_chans))))
     variables = merge_variables(abstract, load_file(str(weights)))  # strict: lists missing/extra/mis-shaped arrays
-    return zoo.Model(module, jax.tree_util.tree_map(jnp.asarray, variables), cfg)
+    return zoo.Model(module, jax.device_put(variables), cfg)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -239,7 +239,7 @@ def bake(module: QuantAware, variables: dict, input_shape=None) -> dict:
     flat = traverse_util.flatten_dict(dict(variables["params"]), sep="/")
     for path in quantized_layers(module, variables, input_shape):
         key = f"{path}/kernel" if path else "kernel"
-        flat[key] = jnp.asarray(fake_quant_weight(np.asarray(flat[key]), module.weight_bits))
+        flat[key] = jax.device_put(fake_quant_weight(np.asarray(flat[key]), module.weight_bits))
     return {**variables, "params": traverse_util.unflatten_dict(flat, sep="/")}
 
 

@@ -97,8 +97,9 @@ def _reference_float64(module, variables, xs: tuple, fn=model_forward):
     import jax.numpy as jnp
 
     with jax.enable_x64(True):
-        v64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)
-                           else a, variables)
+        v64 = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float64) if np.issubdtype(np.asarray(a).dtype,
+                                                                                              np.floating) else a,
+                                          variables))
         out = jax.jit(sigs.flat_fn(fn, module))(v64, *(jnp.asarray(a, jnp.float64) for a in xs))
         return jax.tree.map(lambda a: np.asarray(a, np.float64), out)
 

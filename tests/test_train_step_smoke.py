@@ -38,8 +38,12 @@ def test_forward_backward_updates_batch_stats(family):
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    # ConvNeXt normalizes with LayerNorm only: no statistics to update
-    (loss, updates), grads = loss_and_grads(variables["params"], variables.get("batch_stats", {}), jax.random.key(1))
+    # Native depthwise: its gradient compiles 2-8x faster than the shifted slices' and is the same function
+    # (test_depthwise_formulations_agree); the shifted backward trains the fine-tuning recipes (test_train_recipe.py).
+    # ConvNeXt normalizes with LayerNorm only: no statistics to update.
+    with depthwise_impl("native"):
+        (loss, updates), grads = loss_and_grads(variables["params"], variables.get("batch_stats", {}),
+                                                jax.random.key(1))
     assert np.isfinite(float(loss))
     leaves = jax.tree_util.tree_leaves(grads)
     assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
@@ -51,7 +55,8 @@ def test_forward_backward_updates_batch_stats(family):
         assert any(not np.allclose(a, b) for a, b in zip(old, new))
     # eval mode is deterministic and leaves the statistics alone
     evaluate = jax.jit(lambda v: module.apply(v, x, train=False))
-    out1, out2 = evaluate(variables), evaluate(variables)
+    with depthwise_impl("native"):
+        out1, out2 = evaluate(variables), evaluate(variables)
     np.testing.assert_array_equal(out1, out2)
 
 
@@ -61,12 +66,19 @@ def test_depthwise_formulations_agree(stride, kernel, padding, hw):
     conv = Conv2d(6, kernel, stride=stride, groups=6, padding=padding)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, hw, hw, 6)), jnp.float32)
     v = conv.init(jax.random.key(0), x)
-    with depthwise_impl("native"):
-        native = conv.apply(v, x)
-    with depthwise_impl("shifted"):
-        shifted = conv.apply(v, x)
-    assert native.shape == shifted.shape
-    np.testing.assert_allclose(native, shifted, atol=1e-5)
+    g = jnp.asarray(np.random.default_rng(1).standard_normal(conv.apply(v, x).shape), jnp.float32)
+
+    def value_and_grads(impl):  # the output and the gradients a training step takes through it
+        def f(v, x):
+            with depthwise_impl(impl):
+                return conv.apply(v, x)
+        out, vjp = jax.vjp(f, v, x)
+        return out, vjp(g)
+
+    native, shifted = value_and_grads("native"), value_and_grads("shifted")
+    assert native[0].shape == shifted[0].shape
+    for a, b in zip(jax.tree_util.tree_leaves(native), jax.tree_util.tree_leaves(shifted)):
+        np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 def test_same_padding_matches_tensorflow_rule():

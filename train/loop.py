@@ -507,7 +507,7 @@ def load_run(workdir: str | Path, *, which: str = "best", ema: bool = True, mode
 
         module = rebuild_module(module, run_cfg.compress, cfg)
     params = raw["ema_params"] if (ema and raw.get("ema_params")) else raw["params"]
-    variables = jax.tree.map(jnp.asarray, {"params": params, **raw["model_state"]})
+    variables = jax.device_put({"params": params, **raw["model_state"]})
     return _finalize_compression(zoo.Model(module, variables, cfg), run_cfg)
 
 

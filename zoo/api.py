@@ -135,8 +135,12 @@ def load(
     else:
         # Structure only: compiling a random init costs seconds to minutes on XLA:CPU and is not needed here.
         variables = jax.eval_shape(lambda: init_variables(module, cfg, seed))
-        reference = create_model(entry.name, num_classes=pcfg.num_classes, **overrides)
-        target = flatten_variables(jax.eval_shape(lambda: init_variables(reference, entry.cfg)))
+        # the checkpoint's own structure; the same as `variables` unless classes, channels or resolution changed
+        same = (cfg.num_classes, cfg.in_chans, cfg.input_size) == (pcfg.num_classes, entry.cfg.in_chans,
+                                                                   entry.cfg.input_size)
+        reference = module if same else create_model(entry.name, num_classes=pcfg.num_classes, **overrides)
+        target = flatten_variables(variables if same else
+                                   jax.eval_shape(lambda: init_variables(reference, entry.cfg)))
         if weights is not None and layout is None:
             pcfg = dataclasses.replace(pcfg, layout=_file_layout(entry, reference, target, pcfg))
         converter = entry.converters[pcfg.layout](reference)
@@ -147,7 +151,7 @@ def load(
             log.warning("%s: classifier re-initialized for %d classes (checkpoint has %d)", entry.name,
                         cfg.num_classes, pcfg.num_classes)
         variables = merge_variables(variables, arrays, reset=reset, first_conv=cfg.first_conv)
-        variables = jax.tree_util.tree_map(jnp.asarray, variables)
+        variables = jax.device_put(variables)  # one transfer (jnp.asarray per leaf dispatches an op per array)
     return Model(module, variables, cfg, pcfg if pretrained else None)
 
 

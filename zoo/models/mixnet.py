@@ -134,7 +134,7 @@ def fold_batchnorms(module: MixNet, variables: dict) -> dict:
     for key, leaf in want.items():
         if key not in params and key.endswith("/bias"):  # a conv no BatchNorm followed (none in MixNet)
             params[key] = np.zeros(leaf.shape)
-    folded = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    folded = jax.device_put({k: np.asarray(v, np.float32) for k, v in params.items()})
     return {"params": traverse_util.unflatten_dict(folded, sep="/")}
 
 
