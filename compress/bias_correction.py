@@ -20,7 +20,7 @@ mean of that error, measured on data (Nagel et al., "Data-Free Quantization Thro
 Correction", ICCV 2019, empirical variant), and it is exact for the mean: the layer's kernel is the converter's int8
 kernel and only its bias moves.
 
-How: the model is traced twice per batch. The float pass records every layer's mean output per channel. The
+How: one compiled forward pass runs twice per batch. The float pass records every layer's mean output per channel. The
 quantized pass runs the layers in order, each on its int8-grid kernel and on the input the already-corrected layers
 before it produce, and subtracts the difference from the recorded float mean, so that later layers see (and
 correct for) what deployment gives them. The per-batch corrections are averaged, weighted by batch size.
@@ -61,11 +61,12 @@ def _channel_mean(y):
 
 
 class _Pass:
-    """Interceptor for one traced pass: 'float' records mean outputs, 'quantized' runs int8-grid kernels and corrects
-    each layer's mean towards the recorded float mean of the same batch."""
+    """Interceptor for one traced pass over the given kernels: records every corrected layer's mean output per channel
+    and, with `correct` = 1, moves it to the recorded float mean of the same batch (`correct` = 0: the float pass,
+    nothing moves). One function for both passes, so the model is compiled once."""
 
-    def __init__(self, layers: frozenset[str], float_means: dict | None = None):
-        self.layers, self.float_means = layers, float_means
+    def __init__(self, layers: frozenset[str], float_means: dict, correct):
+        self.layers, self.float_means, self.correct = layers, float_means, correct
         self.out: dict = {}
         self._inside = False
 
@@ -76,21 +77,14 @@ class _Pass:
         path = _layer_path(m)
         if path not in self.layers:
             return next_fun(*args, **kwargs)
-        (x,) = args if args else tuple(kwargs.values())
         self._inside = True
         try:
-            if self.float_means is None:
-                y = next_fun(*args, **kwargs)
-                self.out[path] = _channel_mean(y)
-                return y
-            params = m.variables["params"]
-            quantized = {"kernel": fake_quant_weight(params["kernel"]), "bias": params["bias"]}
-            # a detached copy on explicit parameters; use_bias=True also covers a BatchNorm-folded conv, whose bias
-            # the folding wrapper adds outside the conv's own call
-            y = m.clone(parent=None, use_bias=True).apply({"params": quantized}, x)
-            delta = _channel_mean(y) - self.float_means[path]
-            self.out[path] = delta
-            return y - delta.astype(y.dtype)
+            # the layer as the model runs it, a BatchNorm-folded conv's bias included (`compress.fold_bn` adds it
+            # inside this call)
+            y = next_fun(*args, **kwargs)
+            mean = _channel_mean(y)
+            self.out[path] = mean
+            return y - (self.correct * (mean - self.float_means[path])).astype(y.dtype)
         finally:
             self._inside = False
 
@@ -166,22 +160,30 @@ def correct_bias(module: nn.Module, variables: dict, data, *, batch_size: int = 
     if not layers:
         return original, original_variables
 
-    def run(interceptor: _Pass, v, xb):
+    flat = traverse_util.flatten_dict(jax.device_get(dict(variables["params"])), sep="/")
+    # the converter's int8 kernels, computed once on the host: the quantized pass is the float one on these
+    quantized = {**variables, "params": jax.device_put(traverse_util.unflatten_dict(
+        {k: fake_quant_weight(np.asarray(a)) if k.endswith("/kernel") and k[:-len("/kernel")] in layers else a
+         for k, a in flat.items()}, sep="/"))}
+    zeros = {path: np.zeros(np.shape(flat[f"{path}/kernel"])[-1], np.float32) for path in layers}
+
+    @jax.jit
+    def run(v, xb, float_means, correct):
+        interceptor = _Pass(layers, float_means, correct)
         with nn.intercept_methods(interceptor):
             module.apply(v, xb, train=False)
         return interceptor.out
 
-    float_pass = jax.jit(lambda v, xb: run(_Pass(layers), v, xb))
-    quant_pass = jax.jit(lambda v, xb, means: run(_Pass(layers, means), v, xb))
     total: dict[str, np.ndarray] = {}
     for part in _batches(len(x), batch_size):
-        means = float_pass(variables, x[part])
-        deltas = jax.device_get(quant_pass(variables, x[part], means))
+        means = run(variables, x[part], zeros, np.float32(0.0))
+        quantized_means = jax.device_get(run(quantized, x[part], means, np.float32(1.0)))
+        means = jax.device_get(means)
         weight = (part.stop - part.start) / len(x)
-        for path, d in deltas.items():
-            total[path] = total.get(path, 0.0) + weight * np.asarray(d, np.float64)
+        for path, q in quantized_means.items():
+            d = np.asarray(q, np.float64) - np.asarray(means[path], np.float64)
+            total[path] = total.get(path, 0.0) + weight * d
 
-    flat = traverse_util.flatten_dict(jax.device_get(dict(variables["params"])), sep="/")
     for path in layers:
         kernel = np.asarray(flat[f"{path}/kernel"])
         bias = np.asarray(flat[f"{path}/bias"])

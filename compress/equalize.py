@@ -71,31 +71,41 @@ def _is_conv(module: nn.Module) -> bool:
     return kinds.is_weight_layer(module) and bool(kinds.kind_of(module).spatial_axes)
 
 
-def _traced_calls(module: nn.Module, variables: dict, probe) -> list[tuple[str, nn.Module, np.ndarray, np.ndarray]]:
-    """Every BatchNorm and Conv2d call of the model on `probe`, in the order calls return: (path, module, first
-    argument, output) with concrete arrays. Traced under jit: eager dispatch of a whole model costs 10+ s on CPU."""
-    seen: list[tuple[str, nn.Module]] = []
+class _Observer:
+    """One compiled forward pass (compiled once per batch size) that gives the logits, every BatchNorm and Conv2d call
+    on the batch's first `_PROBE` inputs in the order calls return ((path, module) in `calls`, then (first argument,
+    output) arrays), and the per-channel maximum of every BatchNorm's output over the batch. Under jit: eager dispatch
+    of a whole model costs 10+ s on CPU."""
 
-    def run(v, xb):
-        seen.clear()
-        arrays = []
+    def __init__(self, module: nn.Module):
+        self.calls: list[tuple[str, nn.Module]] = []
 
-        def record(next_fun, args, kwargs, ctx):
-            out = next_fun(*args, **kwargs)
-            if ctx.method_name != "__call__":
+        def run(v, xb):
+            self.calls.clear()
+            arrays, maxima = [], {}
+
+            def record(next_fun, args, kwargs, ctx):
+                out = next_fun(*args, **kwargs)
+                if ctx.method_name != "__call__":
+                    return out
+                kinds.check_known(ctx.module, "activation equalization")
+                norm = kinds.is_folding_norm(ctx.module)
+                if norm or _is_conv(ctx.module):
+                    self.calls.append((_path(ctx.module), ctx.module))
+                    arrays.append(((args[0] if args else next(iter(kwargs.values())))[:_PROBE], out[:_PROBE]))
+                if norm:
+                    maxima[_path(ctx.module)] = jnp.max(out, axis=tuple(range(out.ndim - 1)))
                 return out
-            kinds.check_known(ctx.module, "activation equalization")
-            if kinds.is_folding_norm(ctx.module) or _is_conv(ctx.module):
-                seen.append((_path(ctx.module), ctx.module))
-                arrays.append((args[0] if args else next(iter(kwargs.values())), out))
-            return out
 
-        with nn.intercept_methods(record):
-            module.apply(v, xb, train=False)
-        return arrays
+            with nn.intercept_methods(record):
+                logits = module.apply(v, xb, train=False)
+            return logits, arrays, maxima
 
-    arrays = jax.device_get(jax.jit(run)(variables, jnp.asarray(probe)))
-    return [(path, mod, np.asarray(x), np.asarray(out)) for (path, mod), (x, out) in zip(seen, arrays)]
+        self.run = jax.jit(run)
+
+    def probe_calls(self, variables: dict, probe) -> list[tuple[str, nn.Module, np.ndarray, np.ndarray]]:
+        _, arrays, _ = jax.device_get(self.run(variables, np.asarray(probe, np.float32)))
+        return [(path, mod, np.asarray(x), np.asarray(out)) for (path, mod), (x, out) in zip(self.calls, arrays)]
 
 
 def _close(a, b) -> bool:
@@ -107,7 +117,10 @@ def find_pairs(module: nn.Module, variables: dict, probe) -> tuple[Pair, ...]:
     """Every (BatchNorm, Conv2d) where the conv's input equals ReLU6 (or ReLU) of that BatchNorm's output on `probe`
     and the BatchNorm is the one called just before the conv. Where ReLU and ReLU6 agree on the probe (nothing above
     6), ReLU6 is assumed: its scales are valid for both."""
-    calls = _traced_calls(module, variables, probe)
+    return _pairs(_Observer(module).probe_calls(variables, probe))
+
+
+def _pairs(calls) -> tuple[Pair, ...]:
     counts: dict[str, int] = {}
     for path, *_ in calls:
         counts[path] = counts.get(path, 0) + 1
@@ -136,34 +149,25 @@ def find_pairs(module: nn.Module, variables: dict, probe) -> tuple[Pair, ...]:
     return tuple(pairs)
 
 
-class _Maxima:
-    """Interceptor recording the per-channel maximum of chosen BatchNorms' outputs."""
-
-    def __init__(self, norms: frozenset[str]):
-        self.norms, self.out = norms, {}
-
-    def __call__(self, next_fun, args, kwargs, ctx):
-        out = next_fun(*args, **kwargs)
-        if ctx.method_name == "__call__" and kinds.is_folding_norm(ctx.module) and _path(ctx.module) in self.norms:
-            self.out[_path(ctx.module)] = jnp.max(out, axis=tuple(range(out.ndim - 1)))
-        return out
-
-
 def channel_maxima(module: nn.Module, variables: dict, data: np.ndarray, norms, batch_size: int = 32
                    ) -> dict[str, np.ndarray]:
     """Per-channel maxima over `data` of the outputs of the BatchNorms at paths `norms`."""
-    def run(v, xb):
-        rec = _Maxima(frozenset(norms))
-        with nn.intercept_methods(rec):
-            module.apply(v, xb, train=False)
-        return rec.out
+    return _maxima(_Observer(module), variables, np.asarray(data, np.float32), norms, batch_size)[0]
 
-    f = jax.jit(run)
+
+def _maxima(observer: _Observer, variables: dict, x: np.ndarray, norms, batch_size: int):
+    """(maxima of the `norms` (None: of every BatchNorm), logits, the first batch's probe calls) in one pass over
+    `x`."""
     out: dict[str, np.ndarray] = {}
-    for i in range(0, len(data), batch_size):
-        for k, v in jax.device_get(f(variables, data[i:i + batch_size])).items():
-            out[k] = np.maximum(out[k], v) if k in out else np.asarray(v)
-    return out
+    logits, calls = [], None
+    for i in range(0, len(x), batch_size):
+        y, arrays, maxima = jax.device_get(observer.run(variables, x[i:i + batch_size]))
+        logits.append(np.asarray(y))
+        if calls is None:
+            calls = [(p, m, np.asarray(a), np.asarray(o)) for (p, m), (a, o) in zip(observer.calls, arrays)]
+        for k in maxima if norms is None else norms:
+            out[k] = np.maximum(out[k], maxima[k]) if k in out else np.asarray(maxima[k])
+    return out, np.concatenate(logits), calls
 
 
 def pair_scales(pair: Pair, maxima: np.ndarray, *, max_scale: float = DEFAULT_MAX_SCALE,
@@ -220,13 +224,17 @@ def equalize_activations(module: nn.Module, variables: dict, data, *, max_scale:
     if x.ndim != 4 or len(x) == 0:
         raise ValueError(f"activation equalization needs a non-empty float NHWC batch of calibration inputs, got "
                          f"shape {x.shape}")
-    pairs = find_pairs(module, variables, x[:_PROBE])
+    observer = _Observer(module)
+    # every BatchNorm's maxima, the logits and the pairs from one pass over the data (the probe is its first inputs)
+    maxima, ref, calls = _maxima(observer, variables, x, None, batch_size)
+    pairs = _pairs(calls)
     if not pairs:
         return module, variables
-    maxima = channel_maxima(module, variables, x, {p.norm for p in pairs}, batch_size)
     moves = [(p, pair_scales(p, maxima[p.norm], max_scale=max_scale, dense_strength=dense_strength)) for p in pairs]
     flat = traverse_util.flatten_dict(jax.device_get(dict(variables["params"])), sep="/")
-    apply = jax.jit(lambda v, xb: module.apply(v, xb, train=False))
+
+    def apply(v, xb):
+        return observer.run(v, xb)[0]
 
     def with_moves(chosen) -> dict:
         params = jax.device_put(traverse_util.unflatten_dict(_apply(flat, chosen), sep="/"))
@@ -235,7 +243,6 @@ def equalize_activations(module: nn.Module, variables: dict, data, *, max_scale:
     def outputs(v) -> np.ndarray:
         return np.concatenate([np.asarray(apply(v, x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
 
-    ref = outputs(variables)
     bound = rtol * max(1.0, float(np.abs(ref).max()))
     out = with_moves(moves)
     if np.max(np.abs(outputs(out) - ref)) > bound:
