@@ -162,9 +162,8 @@ def correct_bias(module: nn.Module, variables: dict, data, *, batch_size: int = 
 
     flat = traverse_util.flatten_dict(jax.device_get(dict(variables["params"])), sep="/")
     # the converter's int8 kernels, computed once on the host: the quantized pass is the float one on these
-    quantized = {**variables, "params": jax.device_put(traverse_util.unflatten_dict(
-        {k: fake_quant_weight(np.asarray(a)) if k.endswith("/kernel") and k[:-len("/kernel")] in layers else a
-         for k, a in flat.items()}, sep="/"))}
+    on_grid = {f"{path}/kernel": fake_quant_weight(np.asarray(flat[f"{path}/kernel"])) for path in layers}
+    quantized = {**variables, "params": jax.device_put(traverse_util.unflatten_dict({**flat, **on_grid}, sep="/"))}
     zeros = {path: np.zeros(np.shape(flat[f"{path}/kernel"])[-1], np.float32) for path in layers}
 
     @jax.jit
@@ -184,10 +183,9 @@ def correct_bias(module: nn.Module, variables: dict, data, *, batch_size: int = 
             d = np.asarray(q, np.float64) - np.asarray(means[path], np.float64)
             total[path] = total.get(path, 0.0) + weight * d
 
+    flat.update(on_grid)
     for path in layers:
-        kernel = np.asarray(flat[f"{path}/kernel"])
         bias = np.asarray(flat[f"{path}/bias"])
-        flat[f"{path}/kernel"] = fake_quant_weight(kernel)
         flat[f"{path}/bias"] = (bias.astype(np.float64) - total[path]).astype(bias.dtype)
     params = jax.device_put(traverse_util.unflatten_dict(flat, sep="/"))
     corrected = {**variables, "params": params}

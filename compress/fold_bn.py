@@ -189,13 +189,13 @@ def unfold_variables(variables: dict, folded: dict, folds) -> dict:
             raise FoldError(f"{bn} has no bias parameter to carry the folded shift of {conv}")
         out[f"params/{conv}/kernel"] = kernel
         if f"params/{conv}/bias" in flat:
-            out[f"params/{conv}/bias"] = jnp.zeros_like(bias)
+            out[f"params/{conv}/bias"] = np.zeros_like(bias)
         if f"params/{bn}/scale" in flat:
-            out[f"params/{bn}/scale"] = jnp.ones_like(bias)
-        out[f"params/{bn}/bias"] = jax.device_put(bias)
-        out[f"batch_stats/{bn}/mean"] = jnp.zeros_like(bias)
-        out[f"batch_stats/{bn}/var"] = jnp.full_like(bias, 1.0 - eps)
-    return traverse_util.unflatten_dict(out, sep="/")
+            out[f"params/{bn}/scale"] = np.ones_like(bias)
+        out[f"params/{bn}/bias"] = bias
+        out[f"batch_stats/{bn}/mean"] = np.zeros_like(bias)
+        out[f"batch_stats/{bn}/var"] = np.full_like(bias, 1.0 - eps)
+    return jax.device_put(traverse_util.unflatten_dict(out, sep="/"))  # host arrays placed in one transfer
 
 
 def fold_bn(module: nn.Module, variables: dict, *, input_shape=None) -> tuple[BatchNormFolded, dict]:
