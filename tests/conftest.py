@@ -15,6 +15,13 @@ import os
 import numpy as np
 import pytest
 
+# Each xdist worker gets its share of the cores for OpenMP (torch's thread pool; read when torch is imported, so before
+# any test imports it). Two workers with a pool as large as the machine each oversubscribe the cores, and OpenMP's
+# waiting threads spin: the parity tests of 6 models took 39 s with `-n 2` on 2 cores, 32 s with one thread each.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _WORKERS:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 TIERS = ("parity", "slow", "notebooks")
 _ran: dict[str, int] = {t: 0 for t in TIERS}
 _skipped: list[str] = []
