@@ -83,39 +83,43 @@ LARGE = (
 
 # name: (table, width, stem width, act, anti-aliasing pool, pretrained weights); a model's default input size is that
 # of timm's default (first) tag. The anti-aliased variants (timm's experimental "aa" and "blur" models, not in the
-# paper) downsample by a stride-1 conv and a 2x2 average or 3x3 blur pool in every strided block.
+# paper) downsample by a stride-1 conv and a 2x2 average or 3x3 blur pool in every strided block. Top-1/5 as timm
+# evaluates each tag at its own input size and crop (pytorch-image-models, results/results-imagenet.csv).
 _BICUBIC = dict(interpolation="bicubic")
 _R256 = dict(input_size=(256, 256), crop_pct=0.95)
 _R384 = dict(input_size=(384, 384), crop_pct=0.95)
 VARIANTS = {
     "mobilenetv4_conv_small": (SMALL, 1.0, 32, "relu", None, (
-        timm_weights("mobilenetv4_conv_small", "e2400_r224_in1k", **_BICUBIC),
-        timm_weights("mobilenetv4_conv_small", "e1200_r224_in1k", **_BICUBIC),
-        timm_weights("mobilenetv4_conv_small", "e3600_r256_in1k", mean=INCEPTION_MEAN, std=INCEPTION_STD, **_R256,
-                     **_BICUBIC),
+        timm_weights("mobilenetv4_conv_small", "e2400_r224_in1k", top1=73.756, top5=91.43, **_BICUBIC),
+        timm_weights("mobilenetv4_conv_small", "e1200_r224_in1k", top1=73.45, top5=91.34, **_BICUBIC),
+        timm_weights("mobilenetv4_conv_small", "e3600_r256_in1k",
+                     top1=74.534, top5=91.94, mean=INCEPTION_MEAN, std=INCEPTION_STD, **_R256, **_BICUBIC),
     )),
     "mobilenetv4_conv_small_050": (SMALL, 0.5, 32, "relu", None, (
-        timm_weights("mobilenetv4_conv_small_050", "e3000_r224_in1k", mean=INCEPTION_MEAN, std=INCEPTION_STD,
-                     **_BICUBIC),
+        timm_weights("mobilenetv4_conv_small_050", "e3000_r224_in1k",
+                     top1=64.778, top5=85.5, mean=INCEPTION_MEAN, std=INCEPTION_STD, **_BICUBIC),
     )),
     "mobilenetv4_conv_medium": (MEDIUM, 1.0, 32, "relu", None, (
-        timm_weights("mobilenetv4_conv_medium", "e500_r256_in1k", **_R256, **_BICUBIC),
-        timm_weights("mobilenetv4_conv_medium", "e500_r224_in1k", input_size=(224, 224), crop_pct=0.95,
-                     **_BICUBIC),
-        timm_weights("mobilenetv4_conv_medium", "e250_r384_in12k_ft_in1k", **_R384, **_BICUBIC),
+        timm_weights("mobilenetv4_conv_medium", "e500_r256_in1k", top1=79.916, top5=95.188, **_R256, **_BICUBIC),
+        timm_weights("mobilenetv4_conv_medium", "e500_r224_in1k",
+                     top1=79.092, top5=94.788, input_size=(224, 224), crop_pct=0.95, **_BICUBIC),
+        timm_weights("mobilenetv4_conv_medium", "e250_r384_in12k_ft_in1k",
+                     top1=82.776, top5=96.448, **_R384, **_BICUBIC),
     )),
     "mobilenetv4_conv_large": (LARGE, 1.0, 24, "relu", None, (
-        timm_weights("mobilenetv4_conv_large", "e600_r384_in1k", **_R384, **_BICUBIC),
-        timm_weights("mobilenetv4_conv_large", "e500_r256_in1k", **_R256, **_BICUBIC),
+        timm_weights("mobilenetv4_conv_large", "e600_r384_in1k", top1=82.974, top5=96.244, **_R384, **_BICUBIC),
+        timm_weights("mobilenetv4_conv_large", "e500_r256_in1k", top1=81.864, top5=95.696, **_R256, **_BICUBIC),
     )),
     "mobilenetv4_conv_blur_medium": (MEDIUM, 1.0, 32, "relu", "blur", (
-        timm_weights("mobilenetv4_conv_blur_medium", "e500_r224_in1k", crop_pct=0.95, **_BICUBIC),
+        timm_weights("mobilenetv4_conv_blur_medium", "e500_r224_in1k",
+                     top1=79.446, top5=94.92, crop_pct=0.95, **_BICUBIC),
     )),
     "mobilenetv4_conv_aa_large": (LARGE, 1.0, 24, "relu", "avg", (
-        timm_weights("mobilenetv4_conv_aa_large", "e230_r448_in12k_ft_in1k", input_size=(448, 448), crop_pct=0.95,
-                     **_BICUBIC),
-        timm_weights("mobilenetv4_conv_aa_large", "e230_r384_in12k_ft_in1k", **_R384, **_BICUBIC),
-        timm_weights("mobilenetv4_conv_aa_large", "e600_r384_in1k", **_R384, **_BICUBIC),
+        timm_weights("mobilenetv4_conv_aa_large", "e230_r448_in12k_ft_in1k",
+                     top1=84.668, top5=97.108, input_size=(448, 448), crop_pct=0.95, **_BICUBIC),
+        timm_weights("mobilenetv4_conv_aa_large", "e230_r384_in12k_ft_in1k",
+                     top1=84.314, top5=97.102, **_R384, **_BICUBIC),
+        timm_weights("mobilenetv4_conv_aa_large", "e600_r384_in1k", top1=83.264, top5=96.39, **_R384, **_BICUBIC),
     )),
 }
 
