@@ -1,7 +1,7 @@
 """Export-time substitutions: the same function, written with ops the target runs fast.
 
-Two of them: hard-swish for full-int8 graphs (below) and float depthwise weights in dynamic-range graphs
-(`float_depthwise_weights`).
+Three of them: hard-swish for full-int8 graphs (below), ReLU moved before a concatenation in full-int8 graphs
+(`relu_before_concatenate`) and float depthwise weights in dynamic-range graphs (`float_depthwise_weights`).
 
 Hard-swish: the TFLite converter turns `x * relu6(x + 3) / 6` into one HARD_SWISH op. XNNPACK runs it in float, but
 has no int8 kernel for it in this LiteRT (2.3): in a full-int8 MobileNetV3 each of the 21 HARD_SWISH ops falls back to
@@ -32,6 +32,61 @@ def hard_swish_int8_friendly(x):
 # Applied to full-int8 exports (see the module docstring for the measurement behind each entry).
 INT8_ACTIVATIONS: Mapping[str, Callable] = {"hard_swish": hard_swish_int8_friendly}
 
+
+
+def relu_before_concatenate(fn: Callable) -> Callable:
+    """`fn` with every `relu(concatenate(parts))` computed as `concatenate(relu(part) for part in parts)`.
+
+    Exact (ReLU is elementwise). A mixed conv (MixNet) concatenates its groups' outputs and the block's ReLU follows
+    the concatenation, so the converter cannot fuse it into a conv: it stays a standalone int8 RELU, which the LiteRT
+    XNNPACK delegate runs in float only (mixnet_s: two such RELUs split the int8 graph into 3 partitions). Applied
+    to each part, the ReLU directly follows each group's conv and fuses into it.
+    """
+    from jax.extend.core import Literal
+
+    def run(*args):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        jaxpr = closed.jaxpr
+        env = dict(zip(jaxpr.constvars, closed.consts))
+        env.update(zip(jaxpr.invars, jax.tree_util.tree_leaves(args)))
+        read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
+        uses: dict = {}
+        for v in [v for e in jaxpr.eqns for v in e.invars] + list(jaxpr.outvars):
+            if not isinstance(v, Literal):
+                uses[v] = uses.get(v, 0) + 1
+        concatenated = {}  # output var -> (parts, axis)
+        for eqn in jaxpr.eqns:
+            invals = [read(v) for v in eqn.invars]
+            src = eqn.invars[0] if eqn.invars else None
+            if _is_relu(eqn) and src in concatenated and uses[src] == 1:
+                parts, axis = concatenated[src]
+                outs = [jax.lax.concatenate([jax.nn.relu(p) for p in parts], axis)]
+            else:
+                with eqn.ctx.manager:  # as jax's own evaluator binds an equation
+                    outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+                outs = outs if eqn.primitive.multiple_results else [outs]
+            if eqn.primitive.name == "concatenate":
+                concatenated[eqn.outvars[0]] = (invals, eqn.params["dimension"])
+            env.update(zip(eqn.outvars, outs))
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape),
+                                            [read(v) for v in jaxpr.outvars])
+
+    return run
+
+
+def _is_relu(eqn) -> bool:
+    """Whether `eqn` computes max(x, 0) of its one input: `jax.nn.relu` (a custom-JVP function around a jitted
+    `max`) or a bare `max` with a literal zero."""
+    from jax.extend.core import Literal
+
+    while eqn.primitive.name != "max":
+        inner = eqn.params.get("call_jaxpr", eqn.params.get("jaxpr"))
+        inner = getattr(inner, "jaxpr", inner)
+        if inner is None or len(inner.eqns) != 1 or len(eqn.invars) != 1:
+            return False
+        eqn = inner.eqns[0]
+    literals = [v for v in eqn.invars if isinstance(v, Literal)]
+    return len(eqn.invars) == 2 and len(literals) == 1 and np.all(np.asarray(literals[0].val) == 0)
 
 
 def activation_overrides(overrides: Mapping[str, Callable] | None):

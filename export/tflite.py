@@ -26,7 +26,7 @@ from export import signatures as sigs
 from export.convert import RangeHook, calibration_samples, convert
 from export.errors import UnsupportedOpsError
 from export.parity import _reference  # noqa: F401 - where callers have found the cached JAX reference
-from export.rewrites import INT8_ACTIVATIONS
+from export.rewrites import INT8_ACTIVATIONS, relu_before_concatenate
 from export.verify import DEFAULT_ATOL, DEFAULT_RTOL
 
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
@@ -415,6 +415,8 @@ def to_tflite(
         int8_split_top_row = row_split.border_heavy_stages(module, export_variables, images) if auto else None
     acts = INT8_ACTIVATIONS if (q == "int8" and int8_friendly_activations) else None
     traced = {k: (sigs.flat_fn(f.fn, module), f.inputs) for k, f in functions.items()}
+    if acts is not None:  # the int8-friendly graph: a ReLU after a concatenation moves onto the parts
+        traced = {k: (relu_before_concatenate(fn), inputs) for k, (fn, inputs) in traced.items()}
     if int8_split_top_row is not None:
         apply, acts = row_split.split_apply(traced[first][0], int8_split_top_row, acts)
         traced[first] = (apply, traced[first][1])
