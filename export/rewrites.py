@@ -1,7 +1,8 @@
 """Export-time substitutions: the same function, written with ops the target runs fast.
 
-Three of them: hard-swish for full-int8 graphs (below), ReLU moved before a concatenation in full-int8 graphs
-(`relu_before_concatenate`) and float depthwise weights in dynamic-range graphs (`float_depthwise_weights`).
+Four of them: hard-swish for full-int8 graphs (below), ReLU moved before a concatenation in full-int8 graphs
+(`relu_before_concatenate`), the exact GELU in float graphs (`gelu_float_friendly`) and float depthwise weights in
+dynamic-range graphs (`float_depthwise_weights`).
 
 Hard-swish: the TFLite converter turns `x * relu6(x + 3) / 6` into one HARD_SWISH op. XNNPACK runs it in float, but
 has no int8 kernel for it in this LiteRT (2.3): in a full-int8 MobileNetV3 each of the 21 HARD_SWISH ops falls back to
@@ -30,7 +31,52 @@ def hard_swish_int8_friendly(x):
 
 
 # Applied to full-int8 exports (see the module docstring for the measurement behind each entry).
-INT8_ACTIVATIONS: Mapping[str, Callable] = {"hard_swish": hard_swish_int8_friendly}
+INT8_ACTIVATIONS: Mapping[str, Callable] = {"hard_swish": hard_swish_int8_friendly,
+                                            "gelu": lambda x: gelu_int8_float_island(x)}  # defined below
+
+# erf(x) = x P(x^2) / Q(x^2) on x clamped to [-4, 4] (beyond, erf is +-1 in float32): the rational approximation
+# Eigen and XLA:CPU evaluate for float32 erf; within 4.2e-7 of erf everywhere (checked in the tests).
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def erf_rational(x):
+    x = jax.lax.min(jax.lax.max(x, -4.0), 4.0)  # not jnp.clip: its own jit would drop the caller's name scope
+    x2 = x * x
+    p, q = _ERF_P[0], _ERF_Q[0]
+    for c in _ERF_P[1:]:
+        p = p * x2 + c
+    for c in _ERF_Q[1:]:
+        q = q * x2 + c
+    return x * p / q
+
+
+def gelu_float_friendly(x):
+    """The exact GELU, x * (1 + erf(x / sqrt 2)) / 2, with erf as MUL/ADD/DIV/MINIMUM/MAXIMUM.
+
+    jax lowers erf to piecewise polynomials chosen by comparisons, which the converter emits as LESS, SELECT and
+    SELECT_V2: XNNPACK runs none of them, so every GELU of a float ConvNeXt-atto left the delegate (37 partitions).
+    Written as one rational function every op is delegated; the result is the exact GELU's within float32 rounding.
+    """
+    return 0.5 * x * (1.0 + erf_rational(x * 0.7071067811865476))
+
+
+# Applied to float exports (fp32, fp16, dynamic range).
+FLOAT_ACTIVATIONS: Mapping[str, Callable] = {"gelu": gelu_float_friendly}
+
+# Ops traced under this name scope stay float in a full-int8 file (`int8_keep_float="auto"` adds it to the layers
+# the layer-kinds table keeps float): activations XNNPACK has no int8 kernel for.
+INT8_FLOAT_SCOPE = "int8_float"
+
+
+def gelu_int8_float_island(x):
+    """The exact GELU in a full-int8 file: `gelu_float_friendly`, kept float. Traced as jax lowers erf, its LESS and
+    SELECT ops in int8 made LiteRT abort while allocating ConvNeXt's int8 file; quantized, its DIV, MINIMUM and
+    MAXIMUM fall off XNNPACK's int8 path (ConvNeXt-atto: 25 partitions)."""
+    with jax.named_scope(INT8_FLOAT_SCOPE):
+        return gelu_float_friendly(x)
 
 
 
@@ -42,31 +88,39 @@ def relu_before_concatenate(fn: Callable) -> Callable:
     XNNPACK delegate runs in float only (mixnet_s: two such RELUs split the int8 graph into 3 partitions). Applied
     to each part, the ReLU directly follows each group's conv and fuses into it.
     """
+    from jax._src import source_info_util  # jax's own evaluator keeps each equation's name stack the same way
     from jax.extend.core import Literal
 
     def run(*args):
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
         jaxpr = closed.jaxpr
-        env = dict(zip(jaxpr.constvars, closed.consts))
-        env.update(zip(jaxpr.invars, jax.tree_util.tree_leaves(args)))
-        read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
         uses: dict = {}
         for v in [v for e in jaxpr.eqns for v in e.invars] + list(jaxpr.outvars):
             if not isinstance(v, Literal):
                 uses[v] = uses.get(v, 0) + 1
-        concatenated = {}  # output var -> (parts, axis)
+        concatenations = {e.outvars[0] for e in jaxpr.eqns if e.primitive.name == "concatenate"}
+        moved = {id(e) for e in jaxpr.eqns if _is_relu(e) and not isinstance(e.invars[0], Literal)
+                 and e.invars[0] in concatenations and uses[e.invars[0]] == 1}
+        if not moved:  # nothing to move: the function as it is
+            return fn(*args)
+        env = dict(zip(jaxpr.constvars, closed.consts))
+        env.update(zip(jaxpr.invars, jax.tree_util.tree_leaves(args)))
+        read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
+        parts_of = {}  # a concatenation's output var -> (parts, axis)
         for eqn in jaxpr.eqns:
             invals = [read(v) for v in eqn.invars]
-            src = eqn.invars[0] if eqn.invars else None
-            if _is_relu(eqn) and src in concatenated and uses[src] == 1:
-                parts, axis = concatenated[src]
-                outs = [jax.lax.concatenate([jax.nn.relu(p) for p in parts], axis)]
-            else:
-                with eqn.ctx.manager:  # as jax's own evaluator binds an equation
+            # each op keeps its module path (the name stack): tensor names in the file come from it, and
+            # `int8_keep_float` and the row split select ops by them
+            with source_info_util.user_context(eqn.source_info.traceback, name_stack=(
+                    source_info_util.current_name_stack() + eqn.source_info.name_stack)), eqn.ctx.manager:
+                if id(eqn) in moved:
+                    parts, axis = parts_of[eqn.invars[0]]
+                    outs = [jax.lax.concatenate([jax.nn.relu(p) for p in parts], axis)]
+                else:
                     outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-                outs = outs if eqn.primitive.multiple_results else [outs]
+                    outs = outs if eqn.primitive.multiple_results else [outs]
             if eqn.primitive.name == "concatenate":
-                concatenated[eqn.outvars[0]] = (invals, eqn.params["dimension"])
+                parts_of[eqn.outvars[0]] = (invals, eqn.params["dimension"])
             env.update(zip(eqn.outvars, outs))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape),
                                             [read(v) for v in jaxpr.outvars])

@@ -26,7 +26,7 @@ from export import signatures as sigs
 from export.convert import RangeHook, calibration_samples, convert
 from export.errors import UnsupportedOpsError
 from export.parity import _reference  # noqa: F401 - where callers have found the cached JAX reference
-from export.rewrites import INT8_ACTIVATIONS, relu_before_concatenate
+from export.rewrites import FLOAT_ACTIVATIONS, INT8_ACTIVATIONS, INT8_FLOAT_SCOPE, relu_before_concatenate
 from export.verify import DEFAULT_ATOL, DEFAULT_RTOL
 
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
@@ -177,8 +177,12 @@ def int8_float_pattern(module, variables=None, input_shape=None) -> str | None:
 
 
 def resolve_keep_float(keep_float: str | None, module, variables, input_shape) -> str | None:
-    """`int8_keep_float` as a regex: "auto" becomes `int8_float_pattern`, anything else is returned as given."""
-    return int8_float_pattern(module, variables, input_shape) if keep_float == "auto" else keep_float
+    """`int8_keep_float` as a regex: "auto" becomes `int8_float_pattern` and the activations traced float
+    (`export.rewrites.INT8_FLOAT_SCOPE`), anything else is returned as given."""
+    if keep_float != "auto":
+        return keep_float
+    layers = int8_float_pattern(module, variables, input_shape)
+    return f"{layers}|(^|/){INT8_FLOAT_SCOPE}/" if layers else None
 
 
 def wants_float(variables, keep_float: str | None) -> bool:
@@ -300,8 +304,9 @@ def to_tflite(
         the converter freezes); the same graph either way (see `export.trace`).
     min_agreement: top-1 agreement (0..1) a quantized export must reach, raising `ExportParityError` below it;
         None only reports it.
-    int8_friendly_activations: for "int8", trace hard-swish as MUL/ADD/MUL, which XNNPACK runs in int8
-        (see `export.rewrites`); False keeps the HARD_SWISH op.
+    int8_friendly_activations: for "int8", trace hard-swish as MUL/ADD/MUL and a ReLU after a concatenation on
+        its parts, which XNNPACK runs in int8 (see `export.rewrites`); False keeps the HARD_SWISH and RELU ops.
+        Float exports always trace the exact GELU as one rational function XNNPACK runs.
     int8_keep_float: regex over module paths (e.g. "/attn/") whose ops stay float in an "int8" export (float
         islands, reported); "auto" (default): the layers whose kind keeps float (`zoo.layers.kinds`: LayerNorm,
         softmax attention). None quantizes everything.
@@ -413,9 +418,10 @@ def to_tflite(
     if int8_split_top_row == "auto":  # not for a quantization-aware model: it trained its own quantization points
         auto = q == "int8" and forward and not trained
         int8_split_top_row = row_split.border_heavy_stages(module, export_variables, images) if auto else None
-    acts = INT8_ACTIVATIONS if (q == "int8" and int8_friendly_activations) else None
+    int8_friendly = q == "int8" and int8_friendly_activations
+    acts = INT8_ACTIVATIONS if int8_friendly else (FLOAT_ACTIVATIONS if q != "int8" else None)
     traced = {k: (sigs.flat_fn(f.fn, module), f.inputs) for k, f in functions.items()}
-    if acts is not None:  # the int8-friendly graph: a ReLU after a concatenation moves onto the parts
+    if int8_friendly:  # a ReLU after a concatenation moves onto the parts
         traced = {k: (relu_before_concatenate(fn), inputs) for k, (fn, inputs) in traced.items()}
     if int8_split_top_row is not None:
         apply, acts = row_split.split_apply(traced[first][0], int8_split_top_row, acts)

@@ -155,11 +155,6 @@ def sweep(request, tmp_path_factory):
     return records
 
 
-# Families whose exports do not yet run as one XNNPACK partition, and why (measured at 64x64): ConvNeXt's exact GELU
-# converts its erf into comparisons and selects (LESS, SELECT, SELECT_V2) that XNNPACK does not run, 37 partitions;
-# and LiteRT aborts the process while allocating its full-int8 file, so that export is not run here. The fp32 file is
-# still verified against JAX; the test fails once the family runs in one partition, so this entry must then go.
-KNOWN_PARTITIONED = {"convnext"}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_NAMES))
@@ -171,11 +166,8 @@ def test_every_architecture_exports_fp32(sweep, family):
         assert rec is not None, f"the sweep worker did not report {name}; its log ends:\n{sweep['_logs']}"
         assert rec["ok"], rec.get("traceback") or rec.get("error")
         assert rec["unsupported"] == {}
-        if family in KNOWN_PARTITIONED:
-            assert rec["partitions"] > 1 and rec["not_delegated"], f"{family} runs in one partition now: drop it " \
-                "from KNOWN_PARTITIONED"
-        else:
-            assert rec["partitions"] == 1 and not rec["not_delegated"], rec["not_delegated"]
+        # ConvNeXt's exact GELU included (export.rewrites.gelu_float_friendly)
+        assert rec["partitions"] == 1 and not rec["not_delegated"], rec["not_delegated"]
         assert rec["tolerance"] <= 1e-4 + 1e-5 * rec["logit_scale"] + 1e-12
         if rec["max_abs_diff"] > rec["tolerance"]:
             # a random network whose float32 rounding is amplified (MobileOne-S4: JAX's own fp32 logits 0.7 from
@@ -321,7 +313,8 @@ BARS = {("mobileone", "dynamic"): (0.80, 15.0, 1.0), ("mobileone", "int8"): (0.5
         # kept float for usable int8 logits
         ("starnet", "int8"): (0.85, 1.0, 0.5)}
 # int8 exports equalize activation ranges through BatchNorms; these families' deploy forms have none left
-EQUALIZATION_SKIPPED = {"mixnet": "its deploy form folds every BatchNorm (after mixed convs, by MixNet's own fold)"}
+EQUALIZATION_SKIPPED = {"mixnet": "its deploy form folds every BatchNorm (after mixed convs, by MixNet's own fold)",
+                        "convnext": "LayerNorms only"}
 # the stages whose residual streams int8 exports split by rows (to_tflite's default "auto", export.row_split)
 INT8_SPLIT_TOP_ROW = {"mobilenetv2": "stages_5/"}
 
@@ -354,7 +347,7 @@ def test_members_named_for_their_bars_are_registered():
 # islands, partitions, accuracy).
 WEIGHT_STORAGE_FAMILIES = ("efficientnet_lite", "levit", "mobilenetv2", "mobileone", "regnet")
 QUANTIZED = [(f, q) for f in sorted(FAMILY_NAMES) for q in ("fp16", "dynamic", "int8")
-             if (q == "int8" and f not in KNOWN_PARTITIONED) or f in WEIGHT_STORAGE_FAMILIES]
+             if q == "int8" or f in WEIGHT_STORAGE_FAMILIES]
 
 
 def _weight_ops(names: list[str]) -> set:
