@@ -51,6 +51,10 @@ def _cmd_info(args) -> int:
     print(f"  resolution  {info['input_size'][0]}x{info['input_size'][1]}")
     feats = ", ".join(f"{f['name']}(s{f['stride']},{f['channels']}ch)" for f in info["feature_info"])
     print(f"  features    {feats}")
+    if (lat := info["tflite_latency"]) is not None:
+        int8 = f"int8 {lat['int8_ms']} ms ({lat['int8_partitions']} XNNPACK partition(s))" if lat["int8_ms"] else "int8 -"
+        print(f"  LiteRT      fp32 {lat['fp32_ms']} ms, {int8}; batch 1 at {lat['res']}px, {lat['threads']} thread(s), "
+              f"measured on {lat['cpu']} ({lat['date']})")
     if not info["pretrained"]:
         print("  pretrained  none")
     for p in info["pretrained"]:

@@ -4,6 +4,7 @@ the reference exporter (Keras 3 applications -> `TFLiteConverter.from_keras_mode
     python bench/export_latency.py --quick                 # 4 models + their Keras twins (~10 min on 2 cores)
     python bench/export_latency.py                         # every model (~1 h on 2 cores)
     python bench/export_latency.py --models 'mobilenetv3*' --threads 1,2,4 --no-keras
+    python bench/export_latency.py --formats fp32,int8 --threads 1 --no-keras --no-jax --resume   # the zoo, resumable
 
 Per model, at its default resolution and batch 1:
 - weights: the real ones where they install offline (tf_efficientnet_lite0, mobilenet_v2), else random
@@ -66,7 +67,13 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=8.0, help="seconds of timed rounds per model (default 8)")
     p.add_argument("--no-keras", action="store_true", help="skip the Keras reference exporter")
     p.add_argument("--no-jax", action="store_true", help="skip the JAX latency")
+    p.add_argument("--formats", default="fp32,fp16,int8", help="exports to time (fp32 always included)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in the CSV and bench only the models it lacks (an interrupted sweep)")
     p.add_argument("--out", default=str(RESULTS / "export_latency"), help="output path without suffix")
+    p.add_argument("--publish", action="store_true",
+                   help="also merge each model's fp32/int8 latency at the first thread count into the table shipped "
+                        "with the package (zoo/data/tflite_latency.csv, read by zoo.model_info)")
     return p.parse_args(argv)
 
 
@@ -137,7 +144,8 @@ def bench_model(name, args, threads, tf):
     verify = calib[:8]
     exports = {}
     agree = ""
-    for q in ("fp32", "fp16", "int8"):
+    formats = [q for q in ("fp32", "fp16", "int8") if q in {"fp32", *args.formats.split(",")}]
+    for q in formats:
         kw = {"representative_data": calib} if q == "int8" else {}
         t0 = time.perf_counter()
         res = to_tflite(module, variables, cfg=cfg, quantization=q, verify_data=verify, progress=False, **kw)
@@ -162,7 +170,7 @@ def bench_model(name, args, threads, tf):
     t1, t2 = threads[0], threads[min(1, len(threads) - 1)]
     med = lambda k, t: by[(k, t)].median_ms if (k, t) in by else ""  # noqa: E731
     ratio = lambda a, b: round(a / b, 2) if a and b else ""  # noqa: E731
-    i8 = by[("ours_int8", t1)]
+    i8 = by.get(("ours_int8", t1))
     row = {
         "model": name, "res": cfg.input_size[0], "params_m": round(info["params"] / 1e6, 2),
         "macs_g": round(info["macs"] / 1e9, 3),
@@ -170,8 +178,9 @@ def bench_model(name, args, threads, tf):
         "fp32_1t": med("ours_fp32", t1), "fp32_2t": med("ours_fp32", t2), "fp16_1t": med("ours_fp16", t1),
         "fp16_2t": med("ours_fp16", t2), "int8_1t": med("ours_int8", t1), "int8_2t": med("ours_int8", t2),
         "int8_vs_fp32_1t": ratio(med("ours_int8", t1), med("ours_fp32", t1)),
-        "fp32_parts": by[("ours_fp32", t1)].partitions, "int8_parts": i8.partitions,
-        "int8_not_delegated": i8.not_delegated, "fp32_mb": by[("ours_fp32", t1)].size_mb, "int8_mb": i8.size_mb,
+        "fp32_parts": by[("ours_fp32", t1)].partitions, "int8_parts": i8.partitions if i8 else "",
+        "int8_not_delegated": i8.not_delegated if i8 else "", "fp32_mb": by[("ours_fp32", t1)].size_mb,
+        "int8_mb": i8.size_mb if i8 else "",
         "int8_agree": agree, "weights": weights, "keras": keras_arch or "",
         "keras_fp32_1t": med("keras_fp32", t1), "keras_fp32_2t": med("keras_fp32", t2),
         "keras_int8_1t": med("keras_int8", t1), "keras_int8_2t": med("keras_int8", t2),
@@ -181,6 +190,40 @@ def bench_model(name, args, threads, tf):
         "others_cpu": max((r.others_cpu or 0) for r in rows),
     }
     return row
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def publish(rows, threads, path: Path | None = None) -> Path:
+    """Merge `rows` into the package's latency table (one row per model; rows of other models kept), atomically."""
+    from zoo import measured
+
+    path = path or Path(__file__).resolve().parents[1] / "zoo" / measured.TABLE
+    table = {}
+    if path.exists():
+        with open(path, newline="") as f:
+            table = {r["model"]: r for r in csv.DictReader(f)}
+    cpu, date = cpu_name(), time.strftime("%Y-%m-%d")
+    for r in rows:
+        table[r["model"]] = {"model": r["model"], "res": r["res"], "threads": threads[0], "fp32_ms": r["fp32_1t"],
+                             "int8_ms": r["int8_1t"], "int8_partitions": r["int8_parts"], "cpu": cpu, "date": date}
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=measured.FIELDS)
+        writer.writeheader()
+        writer.writerows(table[k] for k in sorted(table))
+    os.replace(tmp, path)
+    return path
 
 
 def markdown(rows, threads, args) -> str:
@@ -225,10 +268,17 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
+    if args.resume and out.with_suffix(".csv").exists():
+        with open(out.with_suffix(".csv"), newline="") as f:
+            rows = list(csv.DictReader(f))
+        done = {r["model"] for r in rows}
+        log(f"resuming: {len(done)} model(s) already in {out.with_suffix('.csv')}")
+        names = [n for n in names if n not in done]
     t_start = time.perf_counter()
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
+    with open(out.with_suffix(".csv"), "a" if rows else "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
+        if not rows:
+            writer.writeheader()
         for i, name in enumerate(names):
             log(f"[{i + 1}/{len(names)}] {name} t={time.perf_counter() - t_start:.0f}s")
             try:
@@ -243,6 +293,8 @@ def main(argv=None) -> int:
                 f"{row['keras_fp32_1t'] or '-'} / int8 {row['keras_int8_1t'] or '-'} ms at {threads[0]} thread(s)")
     table = markdown(rows, threads, args)
     out.with_suffix(".md").write_text(table)
+    if args.publish:
+        log(f"published {len(rows)} model(s) to {publish(rows, threads)}")
     print(table)
     log(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')} in {time.perf_counter() - t_start:.0f} s")
     return 0

@@ -19,6 +19,7 @@ from zoo.config import ModelCfg, PretrainedCfg, WeightSource
 from zoo.convert import flatten_variables
 from zoo.counting import count_macs, count_params
 from zoo.inputs import check_images
+from zoo.measured import tflite_latency
 from zoo.layers.conv import depthwise_impl, resolved_depthwise_impl
 from zoo.preprocess import preprocess
 from zoo.registry import create_model, get_entry, split_name
@@ -200,6 +201,7 @@ def model_info(name: str, input_size: tuple[int, int] | None = None) -> dict:
         "twin": cfg.twin,
         "paper": cfg.paper,
         "feature_info": [dataclasses.asdict(f) for f in cfg.feature_info],
+        "tflite_latency": tflite_latency(entry.name),  # measured, shipped with the package (`zoo.measured`)
         "pretrained": [
             {"tag": p.tag, "top1": p.top1, "top5": p.top5, "license": p.license,
              "input_size": p.input_size or cfg.input_size, "sources": [s.describe() for s in p.sources]}
