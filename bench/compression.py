@@ -268,15 +268,9 @@ def prune_rows(name, args, data, runs_dir, fl, cfg):
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} CPUs usable, Python {platform.python_version()}"
+    from export.latency import cpu_name
+
+    return f"{cpu_name()}, {len(os.sched_getaffinity(0))} CPUs usable, Python {platform.python_version()}"
 
 
 def markdown(rows, args, notes, elapsed) -> str:

@@ -192,20 +192,9 @@ def bench_model(name, args, threads, tf):
     return row
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def publish(rows, threads, path: Path | None = None) -> Path:
     """Merge `rows` into the package's latency table (one row per model; rows of other models kept), atomically."""
+    from export.latency import cpu_name
     from zoo import measured
 
     path = path or Path(__file__).resolve().parents[1] / "zoo" / measured.TABLE

@@ -82,6 +82,19 @@ class OtherLoad:
                 return load
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux `/proc/cpuinfo`), else what `platform` knows: latency figures name their CPU."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _stats(times: list[float]) -> tuple[float, float, float]:
     ms = sorted(t * 1e3 for t in times)
     return statistics.median(ms), ms[0], ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
