@@ -210,6 +210,17 @@ def _bias_corrected(module, variables, calib: np.ndarray, q: str, keep_float: st
     return corrected
 
 
+def _has_tiled_depthwise(variables) -> bool:
+    """Whether any depthwise kernel (HWIO, one input channel per group) has more taps than XNNPACK runs fast."""
+    import jax
+
+    from zoo.layers.conv import XNNPACK_MAX_DEPTHWISE_TAPS
+
+    return any(getattr(leaf, "ndim", 0) == 4 and leaf.shape[2] == 1 and leaf.shape[3] > 1
+               and leaf.shape[0] * leaf.shape[1] > XNNPACK_MAX_DEPTHWISE_TAPS
+               for leaf in jax.tree_util.tree_leaves(variables.get("params", {})))
+
+
 def _calibration_name(calibration) -> str:
     return calibration.lower() if isinstance(calibration, str) else getattr(calibration, "__name__", "custom")
 
@@ -420,7 +431,14 @@ def to_tflite(
         int8_split_top_row = row_split.border_heavy_stages(module, export_variables, images) if auto else None
     int8_friendly = q == "int8" and int8_friendly_activations
     acts = INT8_ACTIVATIONS if int8_friendly else (FLOAT_ACTIVATIONS if q != "int8" else None)
-    traced = {k: (sigs.flat_fn(f.fn, module), f.inputs) for k, f in functions.items()}
+    traced_module = module
+    if not trained and _has_tiled_depthwise(export_variables):
+        # such a conv is traced as a sum of smaller ones (`zoo.layers.conv.depthwise_tiles`), and the converter
+        # folds a BatchNorm only into a conv it directly follows: fold it here (exact), into the convs' bias
+        from compress.fold_bn import fold_bn
+
+        traced_module, export_variables = fold_bn(module, export_variables, input_shape=(1, *shape[1:]))
+    traced = {k: (sigs.flat_fn(f.fn, traced_module), f.inputs) for k, f in functions.items()}
     if int8_friendly:  # a ReLU after a concatenation moves onto the parts
         traced = {k: (relu_before_concatenate(fn), inputs) for k, (fn, inputs) in traced.items()}
     if int8_split_top_row is not None:

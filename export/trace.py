@@ -1,8 +1,10 @@
 """JAX -> TensorFlow: functions of a model's variables as TF concrete functions, via jax2tf native serialization.
 
 The one place that calls jax2tf. Choices made here, for every export:
-- depthwise convolutions are traced as native grouped convolutions (`depthwise_impl("native")`), which the
-  converter turns into DEPTHWISE_CONV_2D; the CPU default (shifted slices) would become dozens of slices and muls;
+- depthwise convolutions are traced as native grouped convolutions, which the converter turns into
+  DEPTHWISE_CONV_2D (the CPU default, shifted slices, would become dozens of slices and muls); a kernel of more taps
+  than XNNPACK runs fast becomes several such convs over blocks of it, summed (`depthwise_impl("tiled")`: a 7x7
+  kernel ran 5-10x slower in fp32 and 50-100x slower in int8 as one op, see `zoo.layers.conv`);
 - variables become constants of the StableHLO module (`params="constants"`, the default) or arguments of the
   converted function held as tf.Variables that the converter freezes (`params="arguments"`). Either way the TFLite
   converter sees constant weights, folds BatchNorm into the convolutions and quantizes the weights; the graphs are
@@ -123,7 +125,7 @@ def trace_functions(
         setattr(holder, f"fn_{len(tf_functions)}", tf_fn)
         tf_functions.append(tf_fn)
     # Everything that is read at trace time must be in effect while the concrete functions are traced.
-    with depthwise_impl("native"), activation_overrides(activations or {}), \
+    with depthwise_impl("tiled"), activation_overrides(activations or {}), \
             stablehlo_target(stablehlo_versions()["target"]):
         concretes = [f.get_concrete_function() for f in tf_functions]
     return holder, concretes
