@@ -78,6 +78,26 @@ def gelu_int8_float_island(x):
 
 # Applied to full-int8 exports (see the module docstring and each function for the measurement behind each entry).
 INT8_ACTIVATIONS: Mapping[str, Callable] = {"hard_swish": hard_swish_int8_friendly, "gelu": gelu_int8_float_island}
+# Those of them traced under INT8_FLOAT_SCOPE: a model using one needs the scope in its int8 keep-float pattern.
+INT8_FLOAT_ACTIVATIONS = frozenset({"gelu"})
+
+
+def activations_used(module, variables, x) -> set[str]:
+    """Names of the zoo activations `module`'s forward pass looks up (`zoo.layers.activations.get_act`), from an
+    abstract trace on `x` (a shape-dtype struct or an array)."""
+    from zoo.layers.activations import ACTIVATIONS, override_activations
+
+    used: set[str] = set()
+
+    def recording(name, fn):
+        def act(v):
+            used.add(name)
+            return fn(v)
+        return act
+
+    with override_activations({n: recording(n, f) for n, f in ACTIVATIONS.items()}):
+        jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, x)
+    return used
 
 
 

@@ -181,8 +181,20 @@ def resolve_keep_float(keep_float: str | None, module, variables, input_shape) -
     (`export.rewrites.INT8_FLOAT_SCOPE`), anything else is returned as given."""
     if keep_float != "auto":
         return keep_float
+    import jax
+    import jax.numpy as jnp
+
+    from compress.fold_bn import default_input_shape
+    from export.rewrites import INT8_FLOAT_ACTIVATIONS, activations_used
+
     layers = int8_float_pattern(module, variables, input_shape)
-    return f"{layers}|(^|/){INT8_FLOAT_SCOPE}/" if layers else None
+    x = jax.ShapeDtypeStruct(tuple(input_shape or default_input_shape(module)), jnp.float32)
+    if variables is None:
+        variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
+    # activations kept float by their int8 form (GELU) have no parameters: their scope is named here when used
+    floated = activations_used(module, variables, x) & INT8_FLOAT_ACTIVATIONS
+    parts = [p for p in (layers, f"(^|/){INT8_FLOAT_SCOPE}/" if floated else None) if p]
+    return "|".join(parts) or None
 
 
 def wants_float(variables, keep_float: str | None) -> bool:
@@ -191,6 +203,8 @@ def wants_float(variables, keep_float: str | None) -> bool:
 
     if not keep_float:
         return False
+    if f"{INT8_FLOAT_SCOPE}/" in keep_float:  # activations traced float (no parameters of their own)
+        return True
     pat = re.compile(keep_float)
     for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]:
         keys = "/".join(str(getattr(k, "key", k)) for k in path)

@@ -89,7 +89,7 @@ import pytest
 
 import zoo
 from export import to_tflite
-from export.tflite import int8_float_pattern
+from export.tflite import resolve_keep_float
 from export.weights import calibrate_batch_stats, random_variables
 from zoo.preprocess import preprocess
 from zoo.registry import get_entry
@@ -311,7 +311,11 @@ BARS = {("mobileone", "dynamic"): (0.80, 15.0, 1.0), ("mobileone", "int8"): (0.5
         # starnet_s1 93.8% but 2.1 dB, 5 of 7 decisive crops: the star operation multiplies two int8 branches, so
         # the product's range is the square of theirs and its int8 steps coarse; StarNet needs QAT or its products
         # kept float for usable int8 logits
-        ("starnet", "int8"): (0.85, 1.0, 0.5)}
+        ("starnet", "int8"): (0.85, 1.0, 0.5),
+        # repvit_m0_9 70.3%, 11.4 dB, 18 of 19 decisive crops (the flip at a JAX margin of 1.12): its deploy form sums
+        # three depthwise branches into one kernel per token mixer, whose int8 weights lose the small ones (as
+        # MobileOne's do)
+        ("repvit", "int8"): (0.6, 8.0, 0.85)}
 # int8 exports equalize activation ranges through BatchNorms; these families' deploy forms have none left
 EQUALIZATION_SKIPPED = {"mixnet": "its deploy form folds every BatchNorm (after mixed convs, by MixNet's own fold)",
                         "convnext": "LayerNorms only"}
@@ -402,7 +406,8 @@ def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_
     if quantization == "int8":
         assert res.ops.quantized_activations
         assert "HARD_SWISH" not in res.ops.ops  # rewritten for XNNPACK (export.rewrites)
-        if int8_float_pattern(module, variables, (1, *cfg.input_size, 3)):  # LayerNorm, attention kept float (kinds)
+        # LayerNorm, attention (kinds) and GELU (traced float) kept float
+        if resolve_keep_float("auto", module, variables, (1, *cfg.input_size, 3)):
             assert len(res.ops.float_islands) > 0
         else:
             assert not res.ops.float_islands
