@@ -1,4 +1,5 @@
-"""Depthwise kernels of more taps than XNNPACK runs fast are exported as sums of smaller depthwise convolutions."""
+"""Depthwise kernels of more taps than XNNPACK runs fast are exported as sums of smaller depthwise convolutions; the
+three formulations (native, shifted slices, tiled) compute the same convolution."""
 
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ def test_fewest_tiles_for_the_zoos_large_kernels():
 
 @pytest.mark.parametrize("kernel,stride,dilation,padding,bias", [
     (7, 1, 1, "symmetric", True), (7, 2, 1, "symmetric", False), (9, 2, 1, "same", True), (11, 1, 1, "same", False),
-    (7, 1, 2, "symmetric", True), (6, 2, 1, "same", True), (3, 1, 1, "symmetric", True)])
-def test_tiled_formulation_computes_the_native_convolution(kernel, stride, dilation, padding, bias):
+    (7, 1, 2, "symmetric", True), (6, 2, 1, "same", True), (3, 1, 1, "symmetric", True), (3, 2, 1, "same", False),
+    (5, 2, 1, "symmetric", True)])
+def test_tiled_and_shifted_formulations_compute_the_native_convolution(kernel, stride, dilation, padding, bias):
+    """Also what lets other tests run models under whichever formulation compiles fastest."""
     conv = Conv2d(12, kernel, stride=stride, dilation=dilation, groups=12, padding=padding, use_bias=bias)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 17, 19, 12))
     variables = conv.init(jax.random.PRNGKey(1), x)
@@ -42,8 +45,11 @@ def test_tiled_formulation_computes_the_native_convolution(kernel, stride, dilat
     with depthwise_impl("tiled"):
         got = conv.apply(variables, x)
         primitives = [e.primitive.name for e in jax.make_jaxpr(lambda v: conv.apply(v, x))(variables).jaxpr.eqns]
+    with depthwise_impl("shifted"):
+        shifted = conv.apply(variables, x)
     assert got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(shifted), np.asarray(want), atol=2e-5, rtol=1e-5)
     assert primitives.count("conv_general_dilated") == len(depthwise_tiles(kernel, kernel))
 
 
