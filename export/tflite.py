@@ -187,10 +187,10 @@ def resolve_keep_float(keep_float: str | None, module, variables, input_shape) -
     from compress.fold_bn import default_input_shape
     from export.rewrites import INT8_FLOAT_ACTIVATIONS, activations_used
 
-    layers = int8_float_pattern(module, variables, input_shape)
     x = jax.ShapeDtypeStruct(tuple(input_shape or default_input_shape(module)), jnp.float32)
     if variables is None:
         variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
+    layers = int8_float_pattern(module, variables, x.shape)
     # activations kept float by their int8 form (GELU) have no parameters: their scope is named here when used
     floated = activations_used(module, variables, x) & INT8_FLOAT_ACTIVATIONS
     parts = [p for p in (layers, f"(^|/){INT8_FLOAT_SCOPE}/" if floated else None) if p]

@@ -46,6 +46,18 @@ class ClassifierHead(nn.Module):
         return classify(feats, self.num_classes, self.drop_rate, self.dense, train)
 
 
+class HeadPair(nn.Module):
+    """A distilled model's two classifiers' Dense layers under one scope (`fc/head`, `fc/head_dist`: LeViT, RepViT)."""
+
+    num_classes: int
+    dense: ModuleDef
+
+    @nn.compact
+    def __call__(self, x, x_dist):
+        return (self.dense(self.num_classes, name="head")(x),
+                self.dense(self.num_classes, name="head_dist")(x_dist))
+
+
 def classify(feats: Mapping[str, Any], num_classes: int, drop_rate: float, dense: ModuleDef, train: bool):
     """The classifier's layers, created in the calling module's scope (call from inside an `nn.compact` method)."""
     x = feats[PRE_LOGITS]

@@ -42,6 +42,7 @@ from zoo.layers.linear_bn import Conv2dBn, LinearBn, LinearBnMlp, bn_affine, nor
 from zoo.layers.norm import BN_EPS_TORCH, batch_norm
 from zoo.models._pretrained import timm_weights
 from zoo.models.backbone import PRE_LOGITS, feature_dict, layer_factories
+from zoo.models.heads import HeadPair
 from zoo.registry import register_model
 
 ModuleDef = Any
@@ -176,18 +177,6 @@ class Stem16(nn.Module):
         return x, feats
 
 
-class _HeadPair(nn.Module):
-    """The two classifiers' Dense layers under one scope (`fc/head`, `fc/head_dist`)."""
-
-    num_classes: int
-    dense: ModuleDef
-
-    @nn.compact
-    def __call__(self, x, x_dist):
-        return (self.dense(self.num_classes, name="head")(x),
-                self.dense(self.num_classes, name="head_dist")(x_dist))
-
-
 class DistilledHead(nn.Module):
     """Two BatchNorm -> dropout -> Linear heads on the same pooled features, logits averaged (timm's NormLinear
     `head` and `head_dist`, LevitDistilled's output), on the backbone dict's `pre_logits` (`zoo.models.heads`).
@@ -207,13 +196,13 @@ class DistilledHead(nn.Module):
         if self.num_classes <= 0:
             return x
         if self.deploy:
-            y, y_dist = _HeadPair(self.num_classes, self.dense, name="fc")(x, x)
+            y, y_dist = HeadPair(self.num_classes, self.dense, name="fc")(x, x)
             return ((y + y_dist) / 2).astype(jnp.float32)
         y = self.norm(use_running_average=not train, name="bn")(x)
         y_dist = self.norm(use_running_average=not train, name="bn_dist")(x)
         y = nn.Dropout(self.drop_rate)(y, deterministic=not train)
         y_dist = nn.Dropout(self.drop_rate)(y_dist, deterministic=not train)
-        y, y_dist = _HeadPair(self.num_classes, self.dense, name="fc")(y, y_dist)
+        y, y_dist = HeadPair(self.num_classes, self.dense, name="fc")(y, y_dist)
         return ((y + y_dist) / 2).astype(jnp.float32)
 
     @staticmethod

@@ -39,6 +39,7 @@ from zoo.layers.norm import BN_EPS_TORCH, batch_norm
 from zoo.layers.repvgg_dw import RepVggDw
 from zoo.models._pretrained import timm_weights
 from zoo.models.backbone import PRE_LOGITS, feature_dict, layer_factories
+from zoo.models.heads import HeadPair
 from zoo.models.mobilenet_base import make_divisible
 from zoo.registry import register_model
 
@@ -189,18 +190,6 @@ class Stem(nn.Module):
         return self.conv_bn(self.dim, 3, 2, name="conv2")(x, train)
 
 
-class _HeadPair(nn.Module):
-    """The two classifiers' Dense layers under one scope (`fc/head`, `fc/head_dist`)."""
-
-    num_classes: int
-    dense: ModuleDef
-
-    @nn.compact
-    def __call__(self, x, x_dist):
-        return (self.dense(self.num_classes, name="head")(x),
-                self.dense(self.num_classes, name="head_dist")(x_dist))
-
-
 class AveragedDistilledHead(nn.Module):
     """`pre_logits` -> dropout -> two BatchNorm -> Linear heads, logits averaged (timm's RepVitClassifier of two
     NormLinear). `deploy=True`: one Linear `fc` computing that average (each BatchNorm folded into its Linear, then
@@ -222,7 +211,7 @@ class AveragedDistilledHead(nn.Module):
             return self.dense(self.num_classes, name="fc")(x).astype(jnp.float32)
         y = self.norm(use_running_average=not train, name="bn")(x)
         y_dist = self.norm(use_running_average=not train, name="bn_dist")(x)
-        y, y_dist = _HeadPair(self.num_classes, self.dense, name="fc")(y, y_dist)
+        y, y_dist = HeadPair(self.num_classes, self.dense, name="fc")(y, y_dist)
         return ((y + y_dist) / 2).astype(jnp.float32)
 
     @staticmethod
