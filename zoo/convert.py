@@ -18,6 +18,10 @@ from zoo.weights.errors import WeightsMismatchError
 
 Rename = Callable[[str], "str | None"]
 
+# Checkpoint buffers the zoo computes instead of storing: BatchNorm's step counter, and the index into attention
+# biases by relative offset that timm's EfficientFormer keeps as a persistent buffer (a function of the map size).
+DERIVED_BUFFERS = ("num_batches_tracked", "attention_bias_idxs")
+
 
 def flatten_variables(variables) -> dict[str, tuple[int, ...]]:
     """{'params/stem/conv/kernel': shape, ...} of a (possibly abstract) variables tree."""
@@ -37,6 +41,8 @@ def _torch_to_zoo_array(name: str, value: np.ndarray, target_shape: tuple[int, .
     if value.shape != target_shape:
         if value.size == int(np.prod(target_shape)) and value.ndim == 2 and len(target_shape) == 4:
             value = value.reshape(target_shape)  # a Linear stored as a 1x1 conv
+        elif value.shape[:2] == (1, 1) and value.ndim == 4 and value.shape[2:] == tuple(target_shape):
+            value = value.reshape(target_shape)  # a 1x1 conv stored where the model has a Linear (timm's conv forms)
         else:
             raise WeightsMismatchError(f"'{name}': checkpoint shape {value.shape} does not match model shape {target_shape}")
     return np.ascontiguousarray(value, dtype=np.float32)
@@ -54,7 +60,7 @@ def convert_state_dict(
     unmapped, errors = [], []
     for key, value in state_dict.items():
         mod, _, leaf = key.rpartition(".")
-        if leaf == "num_batches_tracked":
+        if leaf in DERIVED_BUFFERS:
             continue
         zoo_mod = rename(mod)
         if zoo_mod is None:

@@ -1,5 +1,6 @@
 """LeViT (Graham et al., "LeViT: a Vision Transformer in ConvNet's Clothing for Faster Inference", arXiv:2104.01136),
-the 128S / 128 / 192 / 256 / 384 variants as timm builds them (`timm/models/levit.py`, `levit_*`: the nn.Linear form).
+the 128S / 128 / 192 / 256 / 384 variants as timm builds them (`timm/models/levit.py`, `levit_*`: the nn.Linear form;
+`levit_conv_*`, timm's 1x1-convolution form of the same function, load into the same module).
 
 A 16x16 patchify stem of four 3x3/2 conv+BN (hard-swish between them), then three stages of attention blocks on the
 tokens of the 14x14 (224x224 input) map: every block is x + attention(x) and x + MLP(x), with no LayerNorm; every
@@ -302,7 +303,14 @@ def _build(table: Stages, key_dim: int, **overrides) -> LeViT:
     return LeViT(**{**dict(stages=table, key_dim=key_dim), **overrides})
 
 
-for _name, (_table, _kd, _weights) in VARIANTS.items():
+# timm's `levit_conv_*` forms compute the same function with 1x1 convolutions on NCHW maps in place of Linears on
+# tokens, under the same parameter names: here they are the same module, loading the conv-shaped checkpoints
+# (`zoo.convert` reshapes a 1x1 conv kernel onto a Dense one).
+CONV_FORMS = {name.replace("levit_", "levit_conv_"): (table, kd, tuple(
+    timm_weights(name.replace("levit_", "levit_conv_"), p.tag, top1=p.top1, **_FB) for p in weights))
+    for name, (table, kd, weights) in VARIANTS.items()}
+
+for _name, (_table, _kd, _weights) in {**VARIANTS, **CONV_FORMS}.items():
     register_model(
         ModelCfg(
             name=_name, family="levit", input_size=(224, 224), interpolation="bicubic", crop_pct=0.9,
