@@ -365,6 +365,13 @@ def test_optimizers_and_schedules(optimizer):
     assert all(np.isfinite(np.asarray(u)).all() for u in updates.values())
     with pytest.raises(ConfigError, match="optim.optimizer must be"):
         make_optimizer(OptimConfig(optimizer="adagrad"), cosine, {}, {})
+    # no decay on biases and norms (unless asked), nor on position embeddings, tokens and attention bias tables
+    shapes = {"a/kernel": (3, 3), "a/bias": (3,), "tokens/pos_embed": (1, 5, 8), "tokens/cls_token": (1, 1, 8),
+              "attn/attention_biases": (2, 9)}
+    assert decay_mask(shapes, cfg) == {"a/kernel": True, "a/bias": False, "tokens/pos_embed": False,
+                                       "tokens/cls_token": False, "attn/attention_biases": False}
+    assert decay_mask(shapes, OptimConfig(decay_norm_and_bias=True))["a/bias"]
+    assert not decay_mask(shapes, OptimConfig(decay_norm_and_bias=True))["tokens/pos_embed"]
 
 
 def test_compression_hooks_and_state_ride_along(tmp_path, digits):

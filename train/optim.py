@@ -110,9 +110,17 @@ def lr_multipliers(paths: list[str], groups: Mapping[str, float]) -> dict[str, f
     return out
 
 
+# Parameters that are not weights of a layer although they have more than one dimension: position embeddings, the
+# class/distillation tokens and attention bias tables. timm's models exclude them from weight decay
+# (`no_weight_decay`), as the papers' recipes do.
+NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "dist_token", "attention_biases"})
+
+
 def decay_mask(shapes: Mapping[str, tuple], cfg: OptimConfig) -> dict[str, bool]:
-    """Weight decay on matrices and kernels; not on biases and norm scales unless `decay_norm_and_bias`."""
-    return {p: cfg.decay_norm_and_bias or len(s) > 1 for p, s in shapes.items()}
+    """Weight decay on matrices and kernels; not on biases and norm scales unless `decay_norm_and_bias`, and never on
+    position embeddings, prefix tokens and attention biases (`NO_DECAY_NAMES`)."""
+    return {p: p.rsplit("/", 1)[-1] not in NO_DECAY_NAMES and (cfg.decay_norm_and_bias or len(s) > 1)
+            for p, s in shapes.items()}
 
 
 def _compile(pattern: str, key: str) -> re.Pattern:

@@ -49,10 +49,11 @@ class TransformerBlock(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Any = None
     dense: ModuleDef = nn.Dense
+    ln: ModuleDef | None = None  # LayerNorm factory (None: flax's with torch's default eps)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        ln = partial(nn.LayerNorm, epsilon=LN_EPS_TORCH, dtype=self.dtype)
+        ln = self.ln or partial(nn.LayerNorm, epsilon=LN_EPS_TORCH, dtype=self.dtype)
         y = Attention(self.num_heads, self.dtype, self.dense, name="attn")(ln(name="norm1")(x))
         x = x + drop_path(y, self.drop_path_rate, train, self)
         y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.act, self.dtype, self.dense, name="mlp")(ln(name="norm2")(x))
