@@ -122,3 +122,12 @@ def test_deploy_form_equals_training_form(converted):
     assert count_params(params) == deploy_param_count(model.module, shape)
     # every BatchNorm gone (scale + shift), one bias per folded layer: the official LeViT deploy form's count
     assert count_params(model.variables["params"]) == 7_777_058 and count_params(params) == 7_756_466
+
+
+def test_input_size_other_than_the_biases_names_the_sizes_that_fit():
+    module = zoo.create_model("levit_128s")
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+    jax.eval_shape(lambda v: module.apply(v, jnp.zeros((1, 209, 224, 3))), variables)  # still a 14x14 map
+    with pytest.raises(ValueError, match=r"14x14 map at stride 16, which inputs of 209 to 224 pixels .* 256x256 input "
+                                         r"gives a 16x16 map"):
+        jax.eval_shape(lambda v: module.apply(v, jnp.zeros((1, 256, 256, 3))), variables)

@@ -258,7 +258,9 @@ class LeViT(nn.Module):
         conv, norm, dense = layer_factories(self.conv, self.norm, self.dense, bn_eps=self.bn_eps, dtype=self.dtype)
         linear = partial(LinearBn, dense=dense, norm=norm, deploy=self.deploy)
         conv_bn = partial(Conv2dBn, conv=conv, norm=norm, deploy=self.deploy)
+        image_hw = x.shape[1:3]
         x, maps = Stem16(self.stages[0].dim, conv_bn, self.act, name="stem")(x, train)
+        self._check_bias_table(image_hw, x.shape[1:3])
         for i, s in enumerate(self.stages):
             x = LevitStage(s, self.key_dim, i > 0, linear, self.act, self.drop_path_rate, name=f"stages_{i}")(x, train)
             maps.append(x)
@@ -267,6 +269,23 @@ class LeViT(nn.Module):
         if features:
             return feats
         return DistilledHead(self.num_classes, self.drop_rate, dense, norm, self.deploy, name="head")(feats, train)
+
+    def _check_bias_table(self, image_hw, map_hw) -> None:
+        """The attention biases are sized by the stride-16 map of the input the model was initialized at: another map
+        would fail deep inside the first attention layer with a shape error; name the sizes that fit instead."""
+        table = self.variables.get("params", {}).get("stages_0", {}).get("blocks_0", {}).get("attn", {}).get(
+            "attention_biases")
+        h, w = map_hw
+        if table is None or table.shape[-1] == h * w:
+            return
+        size = int(table.shape[-1])
+        side = int(round(size ** 0.5))
+        made = (f"a {side}x{side} map at stride 16, which inputs of {16 * (side - 1) + 1} to {16 * side} pixels a "
+                f"side give (e.g. {16 * side}x{16 * side})" if side * side == size else
+                f"a map of {size} positions at stride 16 (the input size the model was initialized at)")
+        raise ValueError(f"LeViT's attention biases are for {made}, but the {image_hw[0]}x{image_hw[1]} input gives a "
+                         f"{h}x{w} map. Run the model at the size its weights were made for, or create and initialize "
+                         "it at the new size (new, untrained biases).")
 
 
 def timm_rename(module: LeViT):
