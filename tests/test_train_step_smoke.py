@@ -53,11 +53,11 @@ def test_forward_backward_updates_batch_stats(family):
     assert len(old) == len(new)
     if old:
         assert any(not np.allclose(a, b) for a, b in zip(old, new))
-    # eval mode is deterministic and leaves the statistics alone
-    evaluate = jax.jit(lambda v: module.apply(v, x, train=False))
-    with depthwise_impl("native"):
-        out1, out2 = evaluate(variables), evaluate(variables)
-    np.testing.assert_array_equal(out1, out2)
+    # eval mode is deterministic and leaves the statistics alone: traced without a dropout key and with nothing
+    # mutable, any dropout or drop-path still active, or a BatchNorm updating its statistics, raises (a trace: no
+    # compile)
+    out = jax.eval_shape(lambda v: module.apply(v, x, train=False), variables)
+    assert out.shape == (4, 7)
 
 
 @pytest.mark.parametrize("stride,kernel,padding,hw", [(1, 3, "symmetric", 9), (2, 3, "symmetric", 9),
