@@ -10,6 +10,7 @@ files without module fixtures go out one family at a time (`SPLIT_BY_FAMILY`).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -58,6 +59,25 @@ def pytest_collection_finish(session):
 # units too large to balance (test_parity.py alone: ~10 s per model).
 SPLIT_BY_FAMILY = ("test_parity.py", "test_models.py", "test_pretrained_metadata.py", "test_contract.py",
                    "test_train_step_smoke.py")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiles_small_programs(file: str) -> bool:
+    """The files whose tests compile a network to run it once or twice on a few images (`quick_compile`): the per-model
+    and per-family files, and each family's own file (`test_<family>.py`). test_export_models.py chooses per test."""
+    import zoo
+    from zoo.registry import get_entry
+
+    families = {get_entry(n).cfg.family for n in zoo.list_models()}
+    return file in SPLIT_BY_FAMILY or file[len("test_"):-len(".py")] in families
+
+
+@pytest.fixture(autouse=True)
+def _compile_effort(request):
+    from quick_compile import quick_compile
+
+    with quick_compile(_compiles_small_programs(request.path.name)):
+        yield
 
 
 def _family_of(param_id: str) -> str | None:

@@ -78,6 +78,7 @@ No offline LeViT weights exist here either.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -96,6 +97,8 @@ from zoo.preprocess import preprocess
 from zoo.registry import get_entry
 
 from architectures import distinct_architectures, families, op_signature, smallest
+from quick_compile import ENV as QUICK_COMPILE_ENV
+from quick_compile import quick_compile
 
 pytestmark = pytest.mark.slow
 
@@ -134,7 +137,8 @@ def sweep(request, tmp_path_factory):
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, min(2, cpus, len(names)))
     tmp = tmp_path_factory.mktemp("sweep")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, **QUICK_COMPILE_ENV, "PYTHONPATH": path}  # each model's JAX side compiled for one run
     procs = []
     for i in range(workers):
         group = [(name, SWEEP_HW.get(get_entry(name).cfg.family, 64)) for name in names[i::workers]]
@@ -325,6 +329,15 @@ EQUALIZATION_SKIPPED = {"mixnet": "its deploy form folds every BatchNorm (after 
 INT8_SPLIT_TOP_ROW = {"mobilenetv2": "stages_5/"}
 
 
+@contextlib.contextmanager
+def _jax_side(weights: str):
+    """How the JAX side (BN statistics, the classifier, the reference logits, bias correction) of a family's quantized
+    exports runs: with random weights, native depthwise and `quick_compile` (it runs 32-64 images at 128x128 once or
+    twice); the real-weight families' 256 crops at 224x224 keep the defaults (see `_jax_depthwise`)."""
+    with _jax_depthwise(weights), quick_compile(weights == "random"):
+        yield
+
+
 def _jax_depthwise(weights: str):
     """The depthwise formulation of the JAX side (BN statistics, the classifier, the reference logits, bias
     correction) of a family's quantized exports: native where the weights are random, which compiles ~1.5x faster than
@@ -340,7 +353,7 @@ def _setup(family: str, photos):
             model = zoo.load(name, progress=False)
             module, variables, cfg = model.module, model.variables, model.cfg
         else:
-            with _jax_depthwise(weights):
+            with _jax_side(weights):
                 module, variables, cfg = _photo_classifier(name, hw, photos)
         crops, labels = _crops(photos, VERIFY_SEEDS[weights], 16)
         calib, _ = _crops(photos, 1, 8, lo=0.4)
@@ -386,7 +399,7 @@ def test_quantized_exports_agree_with_jax(family, quantization, photos, offline_
     kwargs = {"representative_data": calib} if quantization != "fp16" else {}  # with bias correction (module doc)
     if quantization == "int8":
         kwargs["calibration"] = "percentile"
-    with _jax_depthwise(weights):
+    with _jax_side(weights):
         res = to_tflite(module, variables, cfg=cfg, quantization=quantization, verify_data=x,
                         verify_labels=labels if weights == "random" else None, progress=False, **kwargs)
     v = res.verification
