@@ -32,16 +32,21 @@ class Attention(nn.Module):
     dense: ModuleDef = nn.Dense  # injected factory (quantized or sparse Dense)
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, key_bias=None, return_keys: bool = False):
+        """`key_bias` (B, N): added to every query's logit for each key (token merging's log(size)); `return_keys`:
+        also return the keys averaged over the heads (B, N, head_dim), token merging's similarity metric."""
         b, n, c = x.shape
         head_dim = c // self.num_heads
         qkv = self.dense(3 * c, dtype=self.dtype, name="qkv")(x)
         qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)  # timm's (3, heads, head_dim) channel order
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         attn = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+        if key_bias is not None:
+            attn = attn + key_bias[:, None, None, :].astype(attn.dtype)
         attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
         x = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, c)
-        return self.dense(c, dtype=self.dtype, name="proj")(x)
+        out = self.dense(c, dtype=self.dtype, name="proj")(x)
+        return (out, k.mean(axis=2)) if return_keys else out
 
 
 def attention_bias_index(hw: tuple[int, int], stride: int = 1) -> np.ndarray:

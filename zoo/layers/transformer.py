@@ -21,6 +21,7 @@ from zoo.layers.attention import Attention
 from zoo.layers.blocks import ConvNormAct, drop_path
 from zoo.layers.norm import LN_EPS_TORCH
 from zoo.layers.patches import fold, resize_bilinear, unfold
+from zoo.layers.token_merging import bipartite_merge
 
 ModuleDef = Any
 
@@ -51,13 +52,25 @@ class TransformerBlock(nn.Module):
     dense: ModuleDef = nn.Dense
     ln: ModuleDef | None = None  # LayerNorm factory (None: flax's with torch's default eps)
 
+    merge: int = 0  # patch tokens merged between attention and MLP (`zoo.layers.token_merging`)
+    num_prefix: int = 1  # class/distillation tokens, kept out of merging
+
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, size=None):
+        """`size` (B, N, 1): patches per token, for token merging (proportional attention, merges weighted by size);
+        then returns (x, size)."""
         ln = self.ln or partial(nn.LayerNorm, epsilon=LN_EPS_TORCH, dtype=self.dtype)
-        y = Attention(self.num_heads, self.dtype, self.dense, name="attn")(ln(name="norm1")(x))
+        attention = Attention(self.num_heads, self.dtype, self.dense, name="attn")
+        if size is None:
+            y = attention(ln(name="norm1")(x))
+        else:
+            y, keys = attention(ln(name="norm1")(x), key_bias=jnp.log(size[..., 0]), return_keys=True)
         x = x + drop_path(y, self.drop_path_rate, train, self)
+        if size is not None:
+            x, size = bipartite_merge(x, size, keys, self.merge, self.num_prefix)
         y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.act, self.dtype, self.dense, name="mlp")(ln(name="norm2")(x))
-        return x + drop_path(y, self.drop_path_rate, train, self)
+        x = x + drop_path(y, self.drop_path_rate, train, self)
+        return x if size is None else (x, size)
 
 
 class MobileViTBlock(nn.Module):

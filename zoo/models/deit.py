@@ -54,6 +54,7 @@ from zoo.inputs import check_images
 from zoo.layers import kinds
 from zoo.layers.patches import resize_bilinear
 from zoo.layers.pos_embed import PrefixTokensPosEmbed
+from zoo.layers.token_merging import merge_schedule
 from zoo.layers.transformer import TransformerBlock
 from zoo.models._pretrained import timm_weights
 from zoo.models.backbone import PRE_LOGITS, feature_dict, layer_factories
@@ -199,6 +200,8 @@ class DeiT(nn.Module):
     in_chans: int = 3
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # grows linearly over the blocks to this rate, as timm's
+    # token merging (ToMe, `zoo.layers.token_merging`): patch tokens merged by every block, or one count per block
+    merge_tokens: int | tuple[int, ...] = 0
     dtype: Any = None  # compute dtype (e.g. jnp.bfloat16); parameters stay float32
     # injected layer factories (None: the defaults; see `zoo.models.backbone.layer_factories`); no BatchNorm here
     conv: Any = None
@@ -216,10 +219,19 @@ class DeiT(nn.Module):
         grid = x.shape[1:3]
         x = PrefixTokensPosEmbed(TRAINED_GRID, num_prefix, name="tokens")(x)
         taps, maps = pyramid_blocks(s.depth), []
+        merges = merge_schedule(self.merge_tokens, s.depth, grid[0] * grid[1], num_prefix)
+        if features and any(merges):
+            raise ValueError("features=True needs every patch token: a model that merges tokens (merge_tokens="
+                             f"{self.merge_tokens!r}) has no feature maps; build it with merge_tokens=0 for features")
+        size = jnp.ones((*x.shape[:2], 1), jnp.float32) if any(merges) else None  # patches per token
         for i in range(s.depth):
             rate = self.drop_path_rate * i / max(s.depth - 1, 1)
-            x = TransformerBlock(s.num_heads, s.mlp_ratio, "gelu", rate, self.dtype, dense, ln,
-                                 name=f"blocks_{i}")(x, train)
+            block = TransformerBlock(s.num_heads, s.mlp_ratio, "gelu", rate, self.dtype, dense, ln, merge=merges[i],
+                                     num_prefix=num_prefix, name=f"blocks_{i}")
+            if size is None:
+                x = block(x, train)
+            else:
+                x, size = block(x, train, size)
             if features and i in taps:
                 maps.append(x[:, num_prefix:].reshape(x.shape[0], *grid, x.shape[-1]))
         x = ln(name="norm")(x)
