@@ -341,7 +341,7 @@ def _jax_side(weights: str):
     """How the JAX side (BN statistics, the classifier, the reference logits, bias correction) of a family's quantized
     exports runs: with random weights, native depthwise and `quick_compile` (it runs 32-64 images at 128x128 once or
     twice); the real-weight families' 256 crops at 224x224 keep the defaults (see `_jax_depthwise`)."""
-    with _jax_depthwise(weights), quick_compile(weights == "random"):
+    with _jax_depthwise(weights), (quick_compile() if weights == "random" else contextlib.nullcontext()):
         yield
 
 

@@ -11,6 +11,7 @@ from it, and the zoo must then be no further from the float64 logits than 1e-4 o
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ import zoo
 from zoo.layers.conv import depthwise_impl
 from zoo.registry import get_entry
 
+from quick_compile import quick_compile
 from reference import (calibrate_batchnorm, perturb_batchnorm, random_images, scale_classifier_to_trained_spread, torch,
                        twin_model)
 
@@ -78,9 +80,22 @@ def test_converted_twin_matches_logits(name, tmp_path, record_property):
         exact = twin.double()(x_nchw.double()).numpy()
     twin_error = float(np.abs(expected - exact).max())
     # Judged in the CPU default formulation here: summed tap by tap, its float32 result is nearer float64 than
-    # XLA's native depthwise op in deep networks (tf_efficientnetv2_b3: 8.4e-4 against 1.9e-3 from float64)
-    got = np.asarray(model(x))
+    # XLA's native depthwise op in deep networks (tf_efficientnetv2_b3: 8.4e-4 against 1.9e-3 from float64 on an
+    # Intel Xeon), and compiled with every optimization, as that bar was measured
+    with quick_compile(False):
+        got = np.asarray(model(x))
     error = float(np.abs(got - exact).max())
     record_property("max_abs_diff_fp64", error)
     tolerance = max(1e-4, 1.5 * twin_error)
-    assert error <= tolerance, f"max |zoo - twin fp64| = {error:.2e} > {tolerance:.2e} (twin fp32 error {twin_error:.2e})"
+    if error <= tolerance:
+        return
+    # How far float32 rounding carries a deep random network depends on the CPU's kernels (tf_efficientnetv2_b3 on
+    # an AMD EPYC: 3.1e-3 from float64, the twin's float32 1.0e-3): then the zoo computed in float64 must give the
+    # twin's float64 logits (there: 4.7e-7), the conversion exact whatever the rounding
+    with jax.enable_x64(True), depthwise_impl("shifted"):  # float64 depthwise runs ~100x faster as shifted slices
+        cast = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), model.variables)
+        got64 = np.asarray(jax.jit(lambda v, x: model.module.apply(v, x))(cast, x.astype(np.float64)))
+    error64 = float(np.abs(got64 - exact).max())
+    record_property("max_abs_diff_zoo_fp64", error64)
+    assert error64 <= 1e-4, (f"max |zoo - twin| in float64 = {error64:.2e}; in float32 {error:.2e} > {tolerance:.2e} "
+                             f"(twin fp32 error {twin_error:.2e})")

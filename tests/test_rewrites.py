@@ -26,8 +26,8 @@ def test_relu_moves_onto_the_parts_of_a_concatenation_and_nothing_else_changes()
     x = rng.standard_normal((2, 5)).astype(np.float32)
     want, got = fn(params, x), relu_before_concatenate(fn)(params, x)
     assert jax.tree_util.tree_structure(want) == jax.tree_util.tree_structure(got)
-    for k in want:
-        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+    for k in want:  # the same function; XLA may fuse the products differently (1 ulp on an AMD EPYC)
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-6)
     before, after = _primitives(fn, params, x), _primitives(relu_before_concatenate(fn), params, x)
     # the moved ReLU: one per part (2), the shared concatenation's stays (1); the original one is gone
     assert before.count("custom_jvp_call") == 2 and after.count("custom_jvp_call") == 3
