@@ -121,6 +121,29 @@ def make_block(b: BlockCfg, drop_path_rate: float, *, conv, norm, dense, act: st
                           drop_path_rate=drop_path_rate, dtype=dtype, dense=dense, name=name)
 
 
+def stem_and_stages(x, stages, stem_chs: int, resolve, make, conv, norm, act: str, drop_path_rate: float,
+                    names: list[str], train: bool):
+    """The 3x3/2 stem and the stages of MobileViT v1 and v2, built as children of the module calling it (`stem`,
+    `stages_{i}`): `resolve(spec, in_chs)` gives a stage's blocks, `make` builds one. Stochastic depth grows linearly
+    over all blocks (a MobileViT block counts as one, its transformer layers share its rate), as timm's ByobNet.
+    Returns the last stage's output and the outputs of the stages in `names`."""
+    x = ConvNormAct(stem_chs, conv, norm, 3, 2, act=act, name="stem")(x, train)
+    resolved, in_chs = [], stem_chs
+    for spec in stages:
+        resolved.append(resolve(spec, in_chs))
+        in_chs = spec.out
+    n_blocks = sum(len(b) for b in resolved)
+    rates = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
+    seen, maps = 0, []
+    for i, blocks in enumerate(resolved):
+        stage_rates = tuple(rates[seen:seen + len(blocks)])
+        seen += len(blocks)
+        x = Stage(blocks, make, stage_rates, name=f"stages_{i}")(x, train)
+        if f"stages_{i}" in names:
+            maps.append(x)
+    return x, maps
+
+
 class MobileViT(nn.Module):
     """Backbone (stem 3x3/2 conv -> stages -> 1x1 `final_conv` to `num_features` -> pool: `pre_logits`) + classifier
     (`ClassifierHead`: fc). `features=True`: the backbone's dict (`zoo.models.heads`)."""
@@ -145,22 +168,9 @@ class MobileViT(nn.Module):
         check_images(x, self.in_chans, "MobileViT")
         conv, norm, dense = layer_factories(self.conv, self.norm, self.dense, bn_eps=self.bn_eps, dtype=self.dtype)
         make = partial(make_block, conv=conv, norm=norm, dense=self.dense or nn.Dense, act=self.act, dtype=self.dtype)
-        x = ConvNormAct(self.stem_chs, conv, norm, 3, 2, act=self.act, name="stem")(x, train)
-        resolved, in_chs = [], self.stem_chs
-        for spec in self.stages:
-            resolved.append(resolve_stage(spec, in_chs))
-            in_chs = spec.out
-        # stochastic depth grows linearly over all blocks (a MobileViT block counts as one), as timm's ByobNet
-        n_blocks = sum(len(b) for b in resolved)
-        rates = [self.drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         names = [f.name for f in feature_info(self.stages, self.stem_chs)]
-        seen, maps = 0, []
-        for i, blocks in enumerate(resolved):
-            stage_rates = tuple(rates[seen:seen + len(blocks)])
-            seen += len(blocks)
-            x = Stage(blocks, make, stage_rates, name=f"stages_{i}")(x, train)
-            if f"stages_{i}" in names:
-                maps.append(x)
+        x, maps = stem_and_stages(x, self.stages, self.stem_chs, resolve_stage, make, conv, norm, self.act,
+                                  self.drop_path_rate, names, train)
         x = ConvNormAct(self.num_features, conv, norm, 1, act=self.act, name="final_conv")(x, train)
         feats = feature_dict(names, maps, jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
         if features:

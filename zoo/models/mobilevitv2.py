@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from zoo.config import FeatureInfo, ModelCfg
 from zoo.inputs import check_images
-from zoo.layers.blocks import ConvNormAct, InvertedResidual, Stage
+from zoo.layers.blocks import ConvNormAct, InvertedResidual
 from zoo.layers.linear_attention import LinearTransformerBlock
 from zoo.layers.norm import BN_EPS_TORCH
 from zoo.layers.patches import fold, unfold
@@ -45,7 +45,7 @@ from zoo.models._pretrained import timm_weights
 from zoo.models.backbone import feature_dict, layer_factories, stage_feature_info
 from zoo.models.heads import ClassifierHead
 from zoo.models.mobilenet_base import make_divisible
-from zoo.models.mobilevit import timm_rename
+from zoo.models.mobilevit import stem_and_stages, timm_rename
 from zoo.registry import register_model
 
 ModuleDef = Any
@@ -188,23 +188,9 @@ class MobileViTV2(nn.Module):
         check_images(x, self.in_chans, "MobileViTV2")
         conv, norm, dense = layer_factories(self.conv, self.norm, self.dense, bn_eps=self.bn_eps, dtype=self.dtype)
         make = partial(make_block, conv=conv, norm=norm, act=self.act, dtype=self.dtype)
-        x = ConvNormAct(self.stem_chs, conv, norm, 3, 2, act=self.act, name="stem")(x, train)
-        resolved, in_chs = [], self.stem_chs
-        for spec in self.stages:
-            resolved.append(resolve_stage(spec, in_chs))
-            in_chs = spec.out
-        # stochastic depth grows linearly over all blocks (a MobileViTv2 block counts as one, its transformer layers
-        # share its rate), as timm's ByobNet
-        n_blocks = sum(len(b) for b in resolved)
-        rates = [self.drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         names = [f.name for f in feature_info(self.stages, self.stem_chs)]
-        seen, maps = 0, []
-        for i, blocks in enumerate(resolved):
-            stage_rates = tuple(rates[seen:seen + len(blocks)])
-            seen += len(blocks)
-            x = Stage(blocks, make, stage_rates, name=f"stages_{i}")(x, train)
-            if f"stages_{i}" in names:
-                maps.append(x)
+        x, maps = stem_and_stages(x, self.stages, self.stem_chs, resolve_stage, make, conv, norm, self.act,
+                                  self.drop_path_rate, names, train)
         feats = feature_dict(names, maps, jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
         if features:
             return feats
