@@ -95,6 +95,23 @@ def test_proportional_attention_weighs_a_merged_token_as_its_copies():
     assert keys.shape == (1, 6, 8)
 
 
+
+def test_block_attends_in_proportion_to_token_sizes():
+    """A transformer block given sizes (no merge) computes for a sequence holding a token once with size 2 what it
+    computes for the sequence holding that token twice: the block passes log(size) to its attention."""
+    from zoo.layers.transformer import TransformerBlock
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((1, 6, 16)), jnp.float32)
+    twice = jnp.concatenate([x, x[:, 2:3]], axis=1)
+    block = TransformerBlock(num_heads=2, mlp_ratio=2.0, act="gelu")
+    v = block.init(jax.random.key(0), x)
+    want, _ = block.apply(v, twice, size=jnp.ones((1, 7, 1), jnp.float32))
+    size = jnp.asarray([[1, 1, 2, 1, 1, 1]], jnp.float32)[..., None]
+    got, got_size = block.apply(v, x, size=size)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want[:, :6]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got_size), np.asarray(size))
+
 def test_schedule_is_cut_to_what_each_block_can_merge():
     assert merge_schedule(0, 3, 196, 1) == (0, 0, 0)
     assert merge_schedule(8, 2, 196, 1) == (8, 8)
