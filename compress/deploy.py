@@ -27,6 +27,7 @@ import numpy as np
 from flax import traverse_util
 
 from compress.fold_bn import FoldError, checked, default_input_shape, find_conv_bn_pairs, fold_bn
+from zoo.abstract import abstract_variables
 from zoo.layers import kinds
 
 __all__ = ["deploy", "deploy_checked", "reparameterize", "reparameterize_variables", "deploy_param_count"]
@@ -101,7 +102,7 @@ def _as_deploy_module(module: nn.Module) -> nn.Module:
 def _check_structure(module: nn.Module, variables: dict, input_shape) -> None:
     """The deploy module's own parameters must be exactly the converted ones (names and shapes)."""
     x = jnp.zeros(tuple(input_shape), jnp.float32)
-    want = traverse_util.flatten_dict(jax.eval_shape(lambda: module.init(jax.random.key(0), x)), sep="/")
+    want = traverse_util.flatten_dict(abstract_variables(module, x.shape), sep="/")
     got = traverse_util.flatten_dict(variables, sep="/")
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))
@@ -156,7 +157,7 @@ def deploy_param_count(module: nn.Module, input_shape) -> int:
     if any(f.name == "deploy" for f in dataclasses.fields(module)):
         module = module.clone(deploy=True)
     x = jnp.zeros(tuple(input_shape), jnp.float32)
-    params = traverse_util.flatten_dict(jax.eval_shape(lambda: module.init(jax.random.key(0), x))["params"],
+    params = traverse_util.flatten_dict(abstract_variables(module, x.shape)["params"],
                                         sep="/")
     total = sum(int(np.prod(v.shape)) for v in params.values())
     for conv, bn, _ in find_conv_bn_pairs(module, None, input_shape):

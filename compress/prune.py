@@ -36,17 +36,17 @@ from __future__ import annotations
 
 import numbers
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 import zoo
 from compress.prune_arch import apply_widths, base_name, check_supported, free_outputs, mixed, pruned_name
 from compress.prune_io import load_pruned, save_pruned
+from zoo.abstract import abstract_variables
 from zoo.convert import flatten_variables
 from zoo.models.mobilenet_base import MobileNet, feature_info
 
@@ -223,8 +223,7 @@ def prune_channels(model: zoo.Model, ratio: float | Mapping[str, float], *, crit
     base = base_name(model.cfg.name)
     groups = [g for g in channel_groups(module) if g.kind in scope]
     ratios = _ratios(groups, ratio)
-    expected = flatten_variables(jax.eval_shape(
-        lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, module.in_chans)))))
+    expected = flatten_variables(abstract_variables(module, (1, 32, 32, module.in_chans)))
     flat = {k: np.asarray(v) for k, v in zip(flatten_variables(model.variables),
                                               jax.tree_util.tree_leaves(model.variables))}
     if set(flat) != set(expected) or any(flat[k].shape != s for k, s in expected.items()):
@@ -243,8 +242,7 @@ def prune_channels(model: zoo.Model, ratio: float | Mapping[str, float], *, crit
                 flat[key] = np.take(flat[key], keep[g.name], axis=axis)
 
     new = _narrowed(module, {g.name: len(keep.get(g.name, range(g.size))) for g in groups})
-    want = flatten_variables(jax.eval_shape(
-        lambda: new.init(jax.random.key(0), jnp.zeros((1, 32, 32, module.in_chans)))))
+    want = flatten_variables(abstract_variables(new, (1, 32, 32, module.in_chans)))
     wrong = [f"{k}: {flat[k].shape} vs {s}" for k, s in want.items() if flat[k].shape != s]
     if wrong:  # an inconsistency between channel_groups and the blocks' code; never expected
         raise AssertionError("sliced variables do not fit the pruned module: " + "; ".join(wrong[:5]))

@@ -20,11 +20,11 @@ import tempfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import zoo
 from compress.prune_arch import base_name, block_widths, check_supported, module_fields, rebuild
+from zoo.abstract import abstract_variables
 from zoo.config import ModelCfg
 from zoo.convert import flatten_variables
 from zoo.weights.download import sha256_file
@@ -88,7 +88,7 @@ def load_pruned(path: str | os.PathLike) -> zoo.Model:
     module = rebuild(arch["base"], arch["widths"], arch["module"])
     from safetensors.numpy import load_file
 
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, module.in_chans))))
+    abstract = abstract_variables(module, (1, 32, 32, module.in_chans))
     variables = merge_variables(abstract, load_file(str(weights)))  # strict: lists missing/extra/mis-shaped arrays
     return zoo.Model(module, jax.device_put(variables), cfg)
 

@@ -28,6 +28,7 @@ from export.errors import UnsupportedOpsError
 from export.parity import _reference  # noqa: F401 - where callers have found the cached JAX reference
 from export.rewrites import FLOAT_ACTIVATIONS, INT8_ACTIVATIONS, INT8_FLOAT_SCOPE, relu_before_concatenate
 from export.verify import DEFAULT_ATOL, DEFAULT_RTOL
+from zoo.abstract import abstract_variables
 
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
 _ALIASES = {None: "fp32", "fp32": "fp32", "float32": "fp32", "none": "fp32", "fp16": "fp16", "float16": "fp16",
@@ -172,7 +173,7 @@ def int8_float_pattern(module, variables=None, input_shape=None) -> str | None:
 
     x = jax.ShapeDtypeStruct(tuple(input_shape or default_input_shape(module)), jnp.float32)
     if variables is None:
-        variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
+        variables = abstract_variables(module, x.shape)
     return kinds.float_in_int8_pattern(module, variables, x)
 
 
@@ -189,7 +190,7 @@ def resolve_keep_float(keep_float: str | None, module, variables, input_shape) -
 
     x = jax.ShapeDtypeStruct(tuple(input_shape or default_input_shape(module)), jnp.float32)
     if variables is None:
-        variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
+        variables = abstract_variables(module, x.shape)
     layers = int8_float_pattern(module, variables, x.shape)
     # activations kept float by their int8 form (GELU) have no parameters: their scope is named here when used
     floated = activations_used(module, variables, x) & INT8_FLOAT_ACTIVATIONS

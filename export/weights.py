@@ -14,10 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def abstract_variables(module, input_shape: tuple[int, ...]):
-    """The variable tree of `module` (shapes and dtypes only) for an NHWC input shape."""
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32)))
+from zoo.abstract import abstract_variables
 
 
 def random_variables(module, input_shape: tuple[int, ...], seed: int = 0, kernel_gain: float = 2.0) -> dict:

@@ -55,7 +55,8 @@ def pytest_collection_finish(session):
 
 
 # Files whose tests run per registered model or family and share no module fixture: each family's tests in them are
-# a work unit of their own, so the two workers share them out. As whole files they would grow with the registry into
+# a work unit of their own (all of these files together, so that the traces `zoo.abstract` and `traced.py` cache are
+# shared), and the two workers share them out. As whole files they would grow with the registry into
 # units too large to balance (test_parity.py alone: ~10 s per model).
 SPLIT_BY_FAMILY = ("test_parity.py", "test_models.py", "test_pretrained_metadata.py", "test_contract.py",
                    "test_train_step_smoke.py")
@@ -108,8 +109,8 @@ def pytest_xdist_make_scheduler(config, log):
                 return "lite0_digits"
             if file in SPLIT_BY_FAMILY and nodeid.endswith("]"):
                 family = _family_of(nodeid[nodeid.index("[") + 1:-1])
-                if family:
-                    return f"{path}::{family}"
+                if family:  # one worker runs a family's tests of all these files: they share its traces
+                    return f"family::{family}"
             return path
 
     config.option.loadscopereorder = False  # keep the collection order above, not "most tests first"

@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import pytest
 
 import zoo
+from zoo.abstract import abstract_variables
 from zoo.counting import count_jaxpr_macs, count_params
 from zoo.layers.conv import depthwise_impl
 from zoo.registry import get_entry
 
 from reference import reference_counts
+from traced import inference_trace
 
 ALL = zoo.list_models()
 
@@ -21,18 +23,16 @@ ALL = zoo.list_models()
 def test_params_and_macs_match_reference(name):
     entry = get_entry(name)
     res = entry.cfg.input_size[0]
-    module = zoo.create_model(name)
-    shape = (1, res, res, 3)
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(shape)))
+    variables = abstract_variables(zoo.create_model(name), (1, res, res, 3))
     ref = reference_counts(entry.cfg.twin, res)
     assert count_params(variables["params"]) == ref["params"]
-    # what `count_macs` (`zoo info`) does, keeping the trace's output shape: depthwise convolutions as convolutions
-    with depthwise_impl("native"):
-        closed, out = jax.make_jaxpr(lambda v, x: module.apply(v, x), return_shape=True)(
-            variables, jax.ShapeDtypeStruct(shape, jnp.float32))
-    macs = count_jaxpr_macs(closed.jaxpr)
+    # what `count_macs` (`zoo info`) does: depthwise convolutions as convolutions, here on the two images of the
+    # parity test's trace (traced.py), whose MACs are twice one image's
+    traced = inference_trace(name, (2, res, res, 3))
+    macs = count_jaxpr_macs(traced.jaxpr.jaxpr) / 2
     assert abs(macs / ref["macs"] - 1) < 0.005, (macs, ref["macs"])
-    assert out.shape == (1, entry.cfg.num_classes) and out.dtype == jnp.float32
+    out = traced.out_info
+    assert out.shape == (2, entry.cfg.num_classes) and out.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -42,7 +42,7 @@ def test_feature_info_matches_feature_maps(name):
     cfg = get_entry(name).cfg
     module = zoo.create_model(name)
     x = jax.ShapeDtypeStruct((2, 128, 128, 3), jnp.float32)
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(x.shape)))
+    variables = abstract_variables(module, x.shape)
     keys = []
     with depthwise_impl("native"):
         feats = jax.eval_shape(lambda v, x: (out := module.apply(v, x, features=True), keys.extend(out))[0],

@@ -20,6 +20,7 @@ from zoo.layers.conv import depthwise_impl
 from zoo.registry import get_entry
 
 from quick_compile import quick_compile
+from traced import inference_trace
 from reference import (calibrate_batchnorm, perturb_batchnorm, random_images, scale_classifier_to_trained_spread, torch,
                        twin_model)
 
@@ -41,7 +42,8 @@ def _same_module_twins() -> set[str]:
     return {n for names in repeats.values() for n in names if n != smallest(names)}
 
 
-PARITY = [n for n in zoo.list_models() if get_entry(n).cfg.twin and n not in _same_module_twins()]
+_REPEATS = _same_module_twins()
+PARITY = [n for n in zoo.list_models() if get_entry(n).cfg.twin and n not in _REPEATS]
 # Logits above this with the perturbed statistics mean activations grew through the network (MobileOne: ~1e7), where
 # float32 logits of any implementation differ by more than 1e-4; below it the perturbed statistics are kept, as
 # statistics taken from two test images make some twins chaotic (LeViT: fp32 off its float64 by 4e-3 to 2e-2).
@@ -67,9 +69,9 @@ def test_converted_twin_matches_logits(name, tmp_path, record_property):
         expected = twin(x_nchw).numpy()
     model = zoo.load(name, weights=str(path), layout=cfg.twin.split(":")[0])
     # Native depthwise: the same numbers as the CPU default's shifted slices (tests/test_depthwise_tiles.py checks the
-    # formulations against each other), in a graph that compiles much faster (RepViT-M2.3: 3.5 s against 38 s).
-    with depthwise_impl("native"):
-        got = np.asarray(model(x))
+    # formulations against each other), in a graph that compiles much faster (RepViT-M2.3: 3.5 s against 38 s); the
+    # trace test_models.py counted MACs on (traced.py)
+    got = np.asarray(inference_trace(name, x.shape).lower().compile()(model.variables, x))
     assert got.shape == expected.shape
     assert (got.argmax(-1) == expected.argmax(-1)).all()
     error = float(np.abs(got - expected).max())

@@ -45,9 +45,9 @@ def test_forward_backward_updates_batch_stats(family):
         (loss, updates), grads = loss_and_grads(variables["params"], variables.get("batch_stats", {}),
                                                 jax.random.key(1))
     assert np.isfinite(float(loss))
-    leaves = jax.tree_util.tree_leaves(grads)
-    assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
-    assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) > 0.9 * len(leaves)  # gradient reaches the layers
+    leaves = [np.asarray(g) for g in jax.tree_util.tree_leaves(grads)]  # numpy: an eager jnp op compiles per shape
+    assert all(np.isfinite(g).all() for g in leaves)
+    assert sum(np.abs(g).sum() > 0 for g in leaves) > 0.9 * len(leaves)  # gradient reaches the layers
     old = jax.tree_util.tree_leaves(variables.get("batch_stats", {}))
     new = jax.tree_util.tree_leaves(updates.get("batch_stats", {}))
     assert len(old) == len(new)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zoo.abstract import abstract_variables
 from zoo.config import ModelCfg, PretrainedCfg, WeightSource
 from zoo.convert import flatten_variables
 from zoo.counting import count_macs, count_params
@@ -135,13 +136,13 @@ def load(
         variables = init_variables(module, cfg, seed)
     else:
         # Structure only: compiling a random init costs seconds to minutes on XLA:CPU and is not needed here.
-        variables = jax.eval_shape(lambda: init_variables(module, cfg, seed))
+        variables = abstract_variables(module, (1, *cfg.input_size, cfg.in_chans))
         # the checkpoint's own structure; the same as `variables` unless classes, channels or resolution changed
         same = (cfg.num_classes, cfg.in_chans, cfg.input_size) == (pcfg.num_classes, entry.cfg.in_chans,
                                                                    entry.cfg.input_size)
         reference = module if same else create_model(entry.name, num_classes=pcfg.num_classes, **overrides)
         target = flatten_variables(variables if same else
-                                   jax.eval_shape(lambda: init_variables(reference, entry.cfg)))
+                                   abstract_variables(reference, (1, *entry.cfg.input_size, entry.cfg.in_chans)))
         if weights is not None and layout is None:
             pcfg = dataclasses.replace(pcfg, layout=_file_layout(entry, reference, target, pcfg))
         converter = entry.converters[pcfg.layout](reference)
@@ -191,7 +192,7 @@ def model_info(name: str, input_size: tuple[int, int] | None = None) -> dict:
     cfg = entry.cfg if input_size is None else entry.cfg.replace(input_size=tuple(input_size))
     module = create_model(entry.name)
     shape = (1, *cfg.input_size, cfg.in_chans)
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(shape)))
+    variables = abstract_variables(module, shape)
     return {
         "name": entry.name,
         "family": cfg.family,

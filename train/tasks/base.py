@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from train.data import DataError, Source, check_images, stack_collate
 from train.forward import Forward
 from train.state import flatten
 from train.transforms import Transform, transforms_for
+from zoo.abstract import abstract_variables
 
 
 @dataclass
@@ -136,8 +136,8 @@ class Task:
 
 def model_shapes(module, model_cfg) -> dict:
     """Flat path -> shape of the parameters `module` creates at `model_cfg`'s input size (traced, nothing run)."""
-    x = jnp.zeros((1, *model_cfg.input_size, model_cfg.in_chans))
-    return {k: v.shape for k, v in flatten(jax.eval_shape(lambda: module.init(jax.random.key(0), x))["params"]).items()}
+    shape = (1, *model_cfg.input_size, model_cfg.in_chans)
+    return {k: v.shape for k, v in flatten(abstract_variables(module, shape)["params"]).items()}
 
 
 def check_shapes(module, variables: dict, model_cfg) -> None:

@@ -1,0 +1,49 @@
+"""The variable tree of a module (shapes and dtypes, no arrays) for an input shape, traced once per module and shape.
+
+Loading weights, counting parameters, deploying, pruning and exporting all need the structure of `module.init`'s
+variables without computing them. Tracing init runs every layer's Python (0.3-1 s per network on CPU), and one
+workflow asks for the same structure several times (load, then deploy, then export). Linen modules are frozen
+dataclasses, equal when their fields are equal, so the trace is cached by (module, input shape, dtype), the batch
+size left out: no layer's variables depend on it.
+
+    from zoo.abstract import abstract_variables
+
+    tree = abstract_variables(zoo.create_model("mobilenet_v2"), (1, 224, 224, 3))  # jax.ShapeDtypeStruct leaves
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_CACHED_TREES = 64  # structures only: a few kilobytes each
+
+
+def abstract_variables(module: nn.Module, input_shape, dtype=jnp.float32) -> dict:
+    """`jax.eval_shape` of `module.init` on zeros of `input_shape` (NHWC, batch first; traced with batch 1): a fresh
+    tree each call (the caller may edit its dicts), its leaves shared with the cache (immutable
+    `jax.ShapeDtypeStruct`s)."""
+    shape = (1, *(int(d) for d in input_shape[1:]))
+    dtype = np.dtype(dtype).name
+    try:
+        hash(module)
+    except TypeError:  # a field that cannot be hashed (a list, a dict): trace without the cache
+        return _trace(module, shape, dtype)
+    return _copy(_cached(module, shape, dtype))
+
+
+@functools.lru_cache(maxsize=_CACHED_TREES)
+def _cached(module: nn.Module, shape: tuple[int, ...], dtype: str) -> dict:
+    return _trace(module, shape, dtype)
+
+
+def _trace(module: nn.Module, shape: tuple[int, ...], dtype: str) -> dict:
+    return jax.eval_shape(lambda x: module.init(jax.random.key(0), x), jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
+
+
+def _copy(tree):
+    return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
