@@ -63,13 +63,21 @@ class Histogram:
         return (e[:-1] + e[1:]) / 2
 
     def add(self, values) -> None:
-        v = np.asarray(values, np.float64).reshape(-1)
-        v = v[np.isfinite(v)]  # an inf/nan (e.g. exp overflow on an outlier) has no place on a quantization grid
+        v = np.asarray(values).reshape(-1)
         if v.size == 0:
             return
-        self.min, self.max = min(self.min, float(v.min())), max(self.max, float(v.max()))
-        # clip in float first: far outside a narrow first-guess range the bin index would overflow int64
-        pos = np.clip((v - self.lo) * (self.bins / (self.hi - self.lo)), 0, self.bins - 1)
+        lo, hi = v.min(), v.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            v = v[np.isfinite(v)]  # an inf/nan (e.g. exp overflow on an outlier) has no place on a quantization grid
+            if v.size == 0:
+                return
+            lo, hi = v.min(), v.max()
+        self.min, self.max = min(self.min, float(lo)), max(self.max, float(hi))
+        # bin positions in float64 (one pass, in place: calibration histograms every activation of every image);
+        # clipped in float first: far outside a narrow first-guess range the bin index would overflow int64
+        pos = np.subtract(v, self.lo, dtype=np.float64)
+        pos *= self.bins / (self.hi - self.lo)
+        np.clip(pos, 0, self.bins - 1, out=pos)
         self.counts += np.bincount(pos.astype(np.int64), minlength=self.bins)
 
 

@@ -87,14 +87,20 @@ def test_deploy_form_computes_the_training_form(family):
             # from the network's own activations let them grow ~3x per block
             variables = calibrate_batch_stats(module, variables, x)
             deployed = deploy(zoo.Model(module, variables, get_entry(name).cfg))
-            exact = _logits(module, variables, x, np.float64)
-            own = np.max(np.abs(_logits(module, variables, x, np.float32) - exact))
-            err = np.max(np.abs(_logits(deployed.module, deployed.variables, x, np.float32) - exact))
-        # Judged against float64: float32 rounding of a deep random network is ~1e-4 of its output scale, a folding
-        # mistake moves outputs by percents. The deploy form rounds differently (fewer, fused layers), so it may land
-        # a little further from the exact result than the training form; 3x its error still separates the two cases.
-        scale = np.max(np.abs(exact))
-        assert err <= 3 * own + 1e-6 * scale, f"{name}: deploy form off by {err:.3g} (training form {own:.3g})"
+            trained = _logits(module, variables, x, np.float32)
+            got = _logits(deployed.module, deployed.variables, x, np.float32)
+            scale = np.max(np.abs(trained))
+            # A folding mistake moves outputs by percents; within 1e-4 of the output scale the two forms agree (measured
+            # on an AMD EPYC: 4e-7 to 1e-4 for 32 of the 41 architectures).
+            if np.max(np.abs(got - trained)) > 1e-4 * scale:
+                # Judged against float64: float32 rounding of a deep random network reaches 1e-3 to 7e-2 of its output
+                # scale (EfficientViT-M0, LeViT, FBNetV3). The deploy form rounds differently (fewer, fused layers), so
+                # it may land a little further from the exact result than the training form; 3x its error still
+                # separates the two cases.
+                exact = _logits(module, variables, x, np.float64)
+                own, err = np.max(np.abs(trained - exact)), np.max(np.abs(got - exact))
+                scale = np.max(np.abs(exact))
+                assert err <= 3 * own + 1e-6 * scale, f"{name}: deploy form off by {err:.3g} (training form {own:.3g})"
         assert count_params(deployed.variables["params"]) == deploy_param_count(module, shape), name
         assert count_params(deployed.variables["params"]) <= count_params(variables["params"]), name
         assert "batch_stats" not in deployed.variables or not jax.tree_util.tree_leaves(
