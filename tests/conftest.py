@@ -59,7 +59,7 @@ def pytest_collection_finish(session):
 # shared), and the two workers share them out. As whole files they would grow with the registry into
 # units too large to balance (test_parity.py alone: ~10 s per model).
 SPLIT_BY_FAMILY = ("test_parity.py", "test_models.py", "test_pretrained_metadata.py", "test_contract.py",
-                   "test_train_step_smoke.py")
+                   "test_train_step_smoke.py", "test_kinds.py", "test_registry_cli.py")
 
 
 @functools.lru_cache(maxsize=None)

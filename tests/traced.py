@@ -14,7 +14,7 @@ from zoo.abstract import abstract_variables
 from zoo.layers.conv import depthwise_impl
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)  # a family's models (RegNet: 16): the two files run them in turn
 def inference_trace(name: str, shape: tuple[int, ...]):
     """`jax.jit(apply).trace` of registered model `name` on a float32 NHWC `shape`, depthwise convolutions native
     (what `zoo info` counts, and the faster compile): `.jaxpr` for counting, `.lower().compile()` to run it."""
