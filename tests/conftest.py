@@ -62,15 +62,20 @@ SPLIT_BY_FAMILY = ("test_parity.py", "test_models.py", "test_pretrained_metadata
                    "test_train_step_smoke.py", "test_kinds.py", "test_registry_cli.py")
 
 
+# Files of passes checked for exactness (the same function up to float rounding) on a few small inputs.
+EXACTNESS_FILES = ("test_fold_bn.py", "test_deploy.py", "test_sparsity.py")
+
+
 @functools.lru_cache(maxsize=None)
 def _compiles_small_programs(file: str) -> bool:
     """The files whose tests compile a network to run it once or twice on a few images (`quick_compile`): the per-model
-    and per-family files, and each family's own file (`test_<family>.py`). test_export_models.py chooses per test."""
+    and per-family files, each family's own file (`test_<family>.py`) and `EXACTNESS_FILES`. test_export_models.py
+    and test_prune.py choose per test."""
     import zoo
     from zoo.registry import get_entry
 
     families = {get_entry(n).cfg.family for n in zoo.list_models()}
-    return file in SPLIT_BY_FAMILY or file[len("test_"):-len(".py")] in families
+    return file in SPLIT_BY_FAMILY or file in EXACTNESS_FILES or file[len("test_"):-len(".py")] in families
 
 
 @pytest.fixture(autouse=True)
