@@ -101,8 +101,7 @@ def _as_deploy_module(module: nn.Module) -> nn.Module:
 
 def _check_structure(module: nn.Module, variables: dict, input_shape) -> None:
     """The deploy module's own parameters must be exactly the converted ones (names and shapes)."""
-    x = jnp.zeros(tuple(input_shape), jnp.float32)
-    want = traverse_util.flatten_dict(abstract_variables(module, x.shape), sep="/")
+    want = traverse_util.flatten_dict(abstract_variables(module, tuple(input_shape)), sep="/")
     got = traverse_util.flatten_dict(variables, sep="/")
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))
@@ -156,9 +155,7 @@ def deploy_param_count(module: nn.Module, input_shape) -> int:
     follows a weight layer folded (its scale and shift gone, a bias added where the layer had none)."""
     if any(f.name == "deploy" for f in dataclasses.fields(module)):
         module = module.clone(deploy=True)
-    x = jnp.zeros(tuple(input_shape), jnp.float32)
-    params = traverse_util.flatten_dict(abstract_variables(module, x.shape)["params"],
-                                        sep="/")
+    params = traverse_util.flatten_dict(abstract_variables(module, tuple(input_shape))["params"], sep="/")
     total = sum(int(np.prod(v.shape)) for v in params.values())
     for conv, bn, _ in find_conv_bn_pairs(module, None, input_shape):
         total -= sum(int(np.prod(params[k].shape)) for k in (f"{bn}/scale", f"{bn}/bias") if k in params)

@@ -48,21 +48,26 @@ def check_model(name: str, input_hw: tuple[int, int], quantization: str | None =
             variables = calibrate_batch_stats(module, variables, rng.standard_normal((8, *shape[1:])).astype(np.float32))
             res = to_tflite(module, variables, cfg=cfg, input_hw=input_hw, quantization=quantization, verify_data=x,
                             progress=False, **kwargs)
-        v = res.verification
-        rec.update(
-            ok=True, max_abs_diff=v.max_abs_diff, tolerance=v.tolerance, logit_scale=v.reference_max_abs,
-            sqnr_db=v.sqnr_db, top1_agreement=v.top1_agreement, jax_fp32_error=v.jax_fp32_error,
-            tflite_fp64_error=v.tflite_fp64_error, within_fp32_rounding=v.within_fp32_rounding,
-            ops=res.ops.ops, num_ops=res.ops.num_ops,
-            unsupported=res.ops.unsupported, float_islands=[list(i) for i in res.ops.float_islands],
-            partitions=res.delegate.partitions if res.delegate else None,
-            not_delegated=res.delegate.not_delegated if res.delegate else None,
-            size_bytes=res.size_bytes, timings={k: round(t, 2) for k, t in res.timings.items()},
-        )
+        rec.update(export_record(res))
     except Exception as e:  # one failing model must not hide the others
         rec.update(ok=False, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
     rec["seconds"] = round(time.perf_counter() - t0, 2)
     return rec
+
+
+def export_record(res) -> dict:
+    """The JSON-able record of an `export.to_tflite` result: verification figures, ops, partitions, size, timings."""
+    v = res.verification
+    return dict(
+        ok=True, max_abs_diff=v.max_abs_diff, tolerance=v.tolerance, logit_scale=v.reference_max_abs,
+        sqnr_db=v.sqnr_db, top1_agreement=v.top1_agreement, jax_fp32_error=v.jax_fp32_error,
+        tflite_fp64_error=v.tflite_fp64_error, within_fp32_rounding=v.within_fp32_rounding,
+        ops=res.ops.ops, num_ops=res.ops.num_ops,
+        unsupported=res.ops.unsupported, float_islands=[list(i) for i in res.ops.float_islands],
+        partitions=res.delegate.partitions if res.delegate else None,
+        not_delegated=res.delegate.not_delegated if res.delegate else None,
+        size_bytes=res.size_bytes, timings={k: round(t, 2) for k, t in res.timings.items()},
+    )
 
 
 def main(argv=None) -> int:

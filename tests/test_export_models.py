@@ -93,6 +93,7 @@ import pytest
 
 import zoo
 from export import to_tflite
+from export.sweep import export_record
 from export.tflite import resolve_keep_float
 from export.weights import calibrate_batch_stats, random_variables
 from zoo.layers.conv import depthwise_impl
@@ -188,18 +189,23 @@ def test_every_architecture_exports_fp32(sweep, family):
         rec = sweep.get(name)
         assert rec is not None, f"the sweep worker did not report {name}; its log ends:\n{sweep['_logs']}"
         assert rec["ok"], rec.get("traceback") or rec.get("error")
-        assert rec["unsupported"] == {}
-        # ConvNeXt's exact GELU included (export.rewrites.gelu_float_friendly)
-        assert rec["partitions"] == 1 and not rec["not_delegated"], rec["not_delegated"]
-        assert rec["tolerance"] <= 1e-4 + 1e-5 * rec["logit_scale"] + 1e-12
-        if rec["max_abs_diff"] > rec["tolerance"]:
-            # a random network whose float32 rounding is amplified (MobileOne-S4: JAX's own fp32 logits 0.7 from
-            # float64 ones at 64x64): the file must be as close to float64 as JAX is (export.verify.FLOAT64_FACTOR)
-            assert rec["within_fp32_rounding"], rec
-        else:
-            assert rec["sqnr_db"] >= 80, rec
-        if any(t[0] == "conv" and t[1] == "depthwise" for t in op_signature(name)):  # native, not shifted slices
-            assert rec["ops"].get("DEPTHWISE_CONV_2D", 0) > 0, name
+        _check_fp32(name, rec)
+
+
+def _check_fp32(name: str, rec: dict) -> None:
+    """An fp32 export's record (`export.sweep.export_record`), from the sweep or a family's export."""
+    assert rec["unsupported"] == {}
+    # ConvNeXt's exact GELU included (export.rewrites.gelu_float_friendly)
+    assert rec["partitions"] == 1 and not rec["not_delegated"], rec["not_delegated"]
+    assert rec["tolerance"] <= 1e-4 + 1e-5 * rec["logit_scale"] + 1e-12
+    if rec["max_abs_diff"] > rec["tolerance"]:
+        # a random network whose float32 rounding is amplified (MobileOne-S4: JAX's own fp32 logits 0.7 from
+        # float64 ones at 64x64): the file must be as close to float64 as JAX is (export.verify.FLOAT64_FACTOR)
+        assert rec["within_fp32_rounding"], rec
+    else:
+        assert rec["sqnr_db"] >= 80, rec
+    if any(t[0] == "conv" and t[1] == "depthwise" for t in op_signature(name)):  # native, not shifted slices
+        assert rec["ops"].get("DEPTHWISE_CONV_2D", 0) > 0, name
 
 
 # ----------------------------------------------------------------------------------------------------------- quantized
@@ -417,18 +423,6 @@ def test_weight_storage_exports_cover_every_weight_op():
         assert not missing, f"{family} traces to weight ops {missing} that no fp16/dynamic export covers"
 
 
-def _check_fp32(name: str, res) -> None:
-    """What the fp32 sweep asserts of each record (`test_every_architecture_exports_fp32`), on an export result."""
-    v = res.verification
-    assert v.tolerance <= 1e-4 + 1e-5 * v.reference_max_abs + 1e-12
-    if v.max_abs_diff > v.tolerance:  # a network amplifying float32 rounding: as close to float64 as JAX is
-        assert v.within_fp32_rounding, v.summary()
-    else:
-        assert v.sqnr_db >= 80, v.summary()
-    if any(t[0] == "conv" and t[1] == "depthwise" for t in op_signature(name)):  # native, not shifted slices
-        assert res.ops.ops.get("DEPTHWISE_CONV_2D", 0) > 0, name
-
-
 @pytest.mark.parametrize("family,quantization", EXPORTS)
 def test_exports_agree_with_jax(family, quantization, photos, offline_cache, record_property):
     """A family's member (`export_setup`) in fp32 (its architecture's check in the fp32 sweep), fp16 and dynamic
@@ -452,7 +446,7 @@ def test_exports_agree_with_jax(family, quantization, photos, offline_cache, rec
     # convs) moved onto the parts, dynamic-range depthwise weights kept float (export.rewrites)
     assert res.delegate.partitions == 1 and not res.delegate.not_delegated
     if quantization is None:
-        _check_fp32(name, res)
+        _check_fp32(name, export_record(res))
         return
     assert res.metadata["bias_correction"] == (quantization != "fp16")
     assert res.metadata["equalization"] == (quantization == "int8" and family not in EQUALIZATION_SKIPPED)
