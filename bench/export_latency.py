@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     import zoo
 
     threads = tuple(int(t) for t in args.threads.split(",") if t.strip())
-    names = zoo.list_models()
+    names = zoo.list_models(task="classification")
     if args.quick:
         names = [n for n in QUICK if n in names]
     if args.models:

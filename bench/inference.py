@@ -169,7 +169,7 @@ def main(argv=None) -> int:
 
 
 def select_models(zoo, get_entry, args) -> list[str]:
-    names = [n for n in zoo.list_models() if get_entry(n).cfg.twin]
+    names = [n for n in zoo.list_models(task="classification") if get_entry(n).cfg.twin]
     if args.quick:
         names = [n for n in QUICK if n in names]
     if args.models:

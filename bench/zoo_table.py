@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     import zoo
     from export.latency import cpu_name
 
-    names = zoo.list_models()
+    names = zoo.list_models(task="classification")
     if args.models:
         pats = [p.strip() for p in args.models.split(",") if p.strip()]
         names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in pats)]

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the records to this file")
     args = p.parse_args(argv)
     pats = [s.strip() for s in args.models.split(",") if s.strip()]
-    names = [n for n in zoo.list_models() if any(fnmatch.fnmatch(n, pt) for pt in pats)]
+    names = [n for n in zoo.list_models(task="classification") if any(fnmatch.fnmatch(n, pt) for pt in pats)]
     hw = (args.size[0], args.size[-1])
     q = None if args.quantization in (None, "fp32") else args.quantization
     records = []

@@ -28,7 +28,7 @@ SIGNATURE_HW = (64, 64)  # small, and divisible by every family's largest stride
 def families() -> dict[str, list[str]]:
     """family -> its registered names (registry order)."""
     out: dict[str, list[str]] = {}
-    for name in zoo.list_models():
+    for name in zoo.list_models(task="classification"):
         out.setdefault(get_entry(name).cfg.family, []).append(name)
     return out
 

@@ -106,7 +106,7 @@ from quick_compile import quick_compile
 
 pytestmark = pytest.mark.slow
 
-ALL = zoo.list_models()
+ALL = zoo.list_models(task="classification")
 FAMILY_NAMES = families()
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")

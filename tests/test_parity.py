@@ -32,7 +32,7 @@ def _same_module_twins() -> set[str]:
     checked through the earlier name and each checkpoint layout through the family's other names, so of each family's
     such names only the smallest goes through its twin."""
     seen, repeats = {}, {}
-    for name in zoo.list_models():
+    for name in zoo.list_models(task="classification"):
         module = zoo.create_model(name)
         if module in seen:
             repeats.setdefault(get_entry(name).cfg.family, []).append(name)
@@ -43,7 +43,7 @@ def _same_module_twins() -> set[str]:
 
 
 _REPEATS = _same_module_twins()
-PARITY = [n for n in zoo.list_models() if get_entry(n).cfg.twin and n not in _REPEATS]
+PARITY = [n for n in zoo.list_models(task="classification") if get_entry(n).cfg.twin and n not in _REPEATS]
 # Logits above this with the perturbed statistics mean activations grew through the network (MobileOne: ~1e7), where
 # float32 logits of any implementation differ by more than 1e-4; below it the perturbed statistics are kept, as
 # statistics taken from two test images make some twins chaotic (LeViT: fp32 off its float64 by 4e-3 to 2e-2).

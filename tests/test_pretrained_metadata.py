@@ -11,7 +11,7 @@ import pytest
 import zoo
 from zoo.registry import get_entry
 
-TAGS = [(name, p.tag) for name in zoo.list_models() for p in get_entry(name).pretrained
+TAGS = [(name, p.tag) for name in zoo.list_models(task="classification") for p in get_entry(name).pretrained
         if p.layout in ("timm", "torchvision")]
 
 

@@ -32,6 +32,17 @@ def test_list_models_patterns_and_tags():
     assert tags[0] == "tf_efficientnet_lite0.in1k_pkg" and "tf_efficientnet_lite0.in1k" in tags
 
 
+def test_list_models_by_task():
+    classifiers = zoo.list_models(task="classification")
+    assert "mobilenetv2_100" in classifiers and set(classifiers) <= set(zoo.list_models())
+    for task in ("segmentation", "detection"):
+        assert not set(zoo.list_models(task=task)) & set(classifiers)
+    with pytest.raises(ValueError, match="unknown task 'segmentaton'.*segmentation"):
+        zoo.list_models(task="segmentaton")
+    with pytest.raises(ValueError, match="unknown task 'depth'"):
+        registry.register_model(ModelCfg(name="depth_net", family="x", task="depth"))(lambda **kw: None)
+
+
 def test_model_info_reports_counts_and_accuracy():
     info = zoo.model_info("mobilenetv3_large_100")
     assert info["params"] == 5_483_032 and info["macs"] == 216_589_760

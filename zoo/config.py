@@ -41,6 +41,9 @@ class ModelCfg:
     feature_info: tuple[FeatureInfo, ...] = ()
     paper: str = ""  # where the variant's table comes from
     twin: str = ""  # reference implementation with the same architecture: "timm:<name>" or "torchvision:<name>"
+    # what `module.apply(v, x)` returns: "classification" (logits), "segmentation" (per-pixel logits, NHWC at the
+    # input size) or "detection" (the head's raw outputs; the family's post-processing turns them into boxes)
+    task: str = "classification"
 
     def replace(self, **changes) -> "ModelCfg":
         return dataclasses.replace(self, **changes)

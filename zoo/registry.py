@@ -16,6 +16,9 @@ import flax.linen as nn
 from zoo.config import ModelCfg, PretrainedCfg
 
 
+TASKS = ("classification", "segmentation", "detection")
+
+
 class UnknownModelError(KeyError):
     """Raised for a model name or tag that is not registered; the message lists close matches."""
 
@@ -56,6 +59,8 @@ def register_model(cfg: ModelCfg, pretrained: tuple[PretrainedCfg, ...] = (), co
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         name = cfg.name
+        if cfg.task not in TASKS:
+            raise ValueError(f"model '{name}' has unknown task '{cfg.task}'; tasks: {', '.join(TASKS)}")
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' is registered twice")
         tags = [p.tag for p in pretrained]
@@ -88,9 +93,12 @@ def get_entry(name_or_tag: str) -> ModelEntry:
         ) from None
 
 
-def list_models(pattern: str | None = None, pretrained: bool = False) -> list[str]:
-    """Registered names matching a shell-style `pattern`; with `pretrained=True`, `name.tag` for every tag."""
-    names = sorted(_REGISTRY)
+def list_models(pattern: str | None = None, pretrained: bool = False, task: str | None = None) -> list[str]:
+    """Registered names matching a shell-style `pattern`; with `pretrained=True`, `name.tag` for every tag; with
+    `task` ("classification", "segmentation", "detection"), only the models of that task (`ModelCfg.task`)."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task '{task}'; tasks: {', '.join(TASKS)}")
+    names = sorted(n for n, e in _REGISTRY.items() if task is None or e.cfg.task == task)
     if pretrained:
         names = [f"{n}.{p.tag}" for n in names for p in _REGISTRY[n].pretrained]
     if pattern:
