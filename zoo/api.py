@@ -149,7 +149,7 @@ def load(
         arrays = load_converted(entry.name, pcfg, converter, target, cache=weights is None, progress=progress)
         reset = ()
         if cfg.num_classes != pcfg.num_classes:
-            reset = (cfg.classifier,)
+            reset = (cfg.classifier,) if isinstance(cfg.classifier, str) else tuple(cfg.classifier)
             log.warning("%s: classifier re-initialized for %d classes (checkpoint has %d)", entry.name,
                         cfg.num_classes, pcfg.num_classes)
         variables = merge_variables(variables, arrays, reset=reset, first_conv=cfg.first_conv)

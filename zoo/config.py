@@ -37,12 +37,15 @@ class ModelCfg:
     # module path(s) whose kernel is adapted when in_chans != 3 (a tuple where the stem reads the image in several
     # branches, as MobileOne's)
     first_conv: str | tuple[str, ...] = "stem/conv"
-    classifier: str = "head/fc"  # parameter path re-initialized when num_classes differs
+    # parameter path(s) re-initialized when num_classes differs (a tuple where several layers predict the classes, as
+    # a segmentation head's low- and high-resolution classifiers)
+    classifier: str | tuple[str, ...] = "head/fc"
     feature_info: tuple[FeatureInfo, ...] = ()
     paper: str = ""  # where the variant's table comes from
     twin: str = ""  # reference implementation with the same architecture: "timm:<name>" or "torchvision:<name>"
-    # what `module.apply(v, x)` returns: "classification" (logits), "segmentation" (per-pixel logits, NHWC at the
-    # input size) or "detection" (the head's raw outputs; the family's post-processing turns them into boxes)
+    # what `module.apply(v, x)` returns: "classification" (logits), "segmentation" (`{"out": per-pixel logits, NHWC
+    # at the input size}`, plus "aux" where the model has an auxiliary head, as torchvision's) or "detection" (the
+    # head's raw outputs; the family's post-processing turns them into boxes)
     task: str = "classification"
 
     def replace(self, **changes) -> "ModelCfg":
@@ -55,6 +58,9 @@ class ModelCfg:
         d["feature_info"] = tuple(FeatureInfo(**f) for f in d.get("feature_info", ()))
         for k in ("input_size", "mean", "std"):
             d[k] = tuple(d[k])
+        for k in ("first_conv", "classifier"):  # JSON stores a tuple of paths as a list
+            if isinstance(d.get(k), list):
+                d[k] = tuple(d[k])
         return cls(**d)
 
 
