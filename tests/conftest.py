@@ -64,7 +64,7 @@ SPLIT_BY_FAMILY = ("test_parity.py", "test_models.py", "test_pretrained_metadata
 
 # Files of passes checked for exactness (the same function up to float rounding) on a few small inputs.
 EXACTNESS_FILES = ("test_fold_bn.py", "test_deploy.py", "test_sparsity.py", "test_depthwise_tiles.py",
-                   "test_equalize.py", "test_export_outputs.py")
+                   "test_equalize.py", "test_export_outputs.py", "test_dense_backbone.py")
 
 
 @functools.lru_cache(maxsize=None)

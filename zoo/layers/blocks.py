@@ -66,6 +66,12 @@ def antialias_pool(aa: str):
     return ANTIALIAS[aa]
 
 
+def dilated(dilation: int) -> dict:
+    """The conv factory keyword for a dilated spatial conv; none at dilation 1, so factories without the option
+    (quantized, mixed) keep working for every undilated network."""
+    return {"dilation": dilation} if dilation != 1 else {}
+
+
 def drop_path(x, rate: float, train: bool, module: nn.Module):
     """Stochastic depth on the residual branch (per sample), active only in training."""
     if not train or rate == 0.0:
@@ -92,13 +98,14 @@ class ConvNormAct(nn.Module):
     skip: bool = False
     norm_name: str = "bn"
     aa: str | None = None  # a strided conv downsamples by this anti-aliasing pool after its act instead
+    dilation: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         shortcut = x
         pool = antialias_pool(self.aa) if self.aa and self.stride > 1 else None
         x = self.conv(self.out_chs, self.kernel, stride=1 if pool else self.stride, groups=self.groups,
-                      name="conv")(x)
+                      name="conv", **dilated(self.dilation))(x)
         x = self.norm(use_running_average=not train, name=self.norm_name)(x)
         if self.act:
             x = get_act(self.act)(x)
@@ -126,13 +133,15 @@ class DepthwiseSeparable(nn.Module):
     pw_act: bool = False
     noskip: bool = False
     drop_path_rate: float = 0.0
+    dilation: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         in_chs = x.shape[-1]
         shortcut = x
         act = get_act(self.act)
-        x = self.conv(in_chs, self.kernel, stride=self.stride, groups=in_chs, name="conv_dw")(x)
+        x = self.conv(in_chs, self.kernel, stride=self.stride, groups=in_chs, name="conv_dw",
+                      **dilated(self.dilation))(x)
         x = act(self.norm(use_running_average=not train, name="bn1")(x))
         if self.se_chs:
             x = SqueezeExcite(self.se_chs, self.conv, self.se_act, self.se_gate, name="se")(x)
@@ -168,15 +177,19 @@ class InvertedResidual(nn.Module):
     # kernel sizes of the 1x1 convs as the conv factory takes them (MixNet: `zoo.layers.mixed_conv.MixedKernels`)
     exp_kernel: Any = 1
     pw_kernel: Any = 1
+    dilation: int = 1  # of the depthwise conv
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, return_expansion: bool = False):
+        """`return_expansion`: also return the expanded map (after conv_pw, bn1 and the act): torchvision SSDLite's
+        C4 feature."""
         in_chs = x.shape[-1]
         shortcut = x
         act = get_act(self.act)
         x = self.conv(self.mid_chs, self.exp_kernel, name="conv_pw")(x)
-        x = act(self.norm(use_running_average=not train, name="bn1")(x))
-        x = self.conv(self.mid_chs, self.kernel, stride=self.stride, groups=self.mid_chs, name="conv_dw")(x)
+        x = expanded = act(self.norm(use_running_average=not train, name="bn1")(x))
+        x = self.conv(self.mid_chs, self.kernel, stride=self.stride, groups=self.mid_chs, name="conv_dw",
+                      **dilated(self.dilation))(x)
         x = act(self.norm(use_running_average=not train, name="bn2")(x))
         if self.se_chs:
             x = SqueezeExcite(self.se_chs, self.conv, self.se_act, self.se_gate, name="se")(x)
@@ -186,7 +199,7 @@ class InvertedResidual(nn.Module):
         # (MobileViT's downsampling blocks). Eval is identical.
         if self.stride == 1 and in_chs == self.out_chs and not self.noskip:
             x = drop_path(x, self.drop_path_rate, train, self) + shortcut
-        return x
+        return (x, expanded) if return_expansion else x
 
 
 class EdgeResidual(nn.Module):
@@ -206,6 +219,7 @@ class EdgeResidual(nn.Module):
     noskip: bool = False
     drop_path_rate: float = 0.0
     aa: str | None = None  # anti-aliased downsampling (see `ConvNormAct`)
+    dilation: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -213,7 +227,8 @@ class EdgeResidual(nn.Module):
         shortcut = x
         act = get_act(self.act)
         pool = antialias_pool(self.aa) if self.aa and self.stride > 1 else None
-        x = self.conv(self.mid_chs, self.kernel, stride=1 if pool else self.stride, name="conv_exp")(x)
+        x = self.conv(self.mid_chs, self.kernel, stride=1 if pool else self.stride, name="conv_exp",
+                      **dilated(self.dilation))(x)
         x = act(self.norm(use_running_average=not train, name="bn1")(x))
         if pool:
             x = pool(x)
@@ -245,6 +260,7 @@ class UniversalInvertedResidual(nn.Module):
     drop_path_rate: float = 0.0
     aa: str | None = None  # anti-aliased downsampling in the strided depthwise conv (see `ConvNormAct`)
     layer_scale: float | None = None  # init value of a per-channel gain on the residual branch (`layer_scale/gamma`)
+    dilation: int = 1  # of the depthwise convs
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -254,11 +270,11 @@ class UniversalInvertedResidual(nn.Module):
         shortcut = x
         if self.start_kernel:  # downsamples only where no middle conv follows (timm)
             x = ConvNormAct(in_chs, self.conv, self.norm, self.start_kernel, 1 if self.kernel else self.stride,
-                            groups=in_chs, act=None, aa=self.aa, name="dw_start")(x, train)
+                            groups=in_chs, act=None, aa=self.aa, dilation=self.dilation, name="dw_start")(x, train)
         x = ConvNormAct(self.mid_chs, self.conv, self.norm, 1, act=self.act, name="pw_exp")(x, train)
         if self.kernel:
             x = ConvNormAct(self.mid_chs, self.conv, self.norm, self.kernel, self.stride, groups=self.mid_chs,
-                            act=self.act, aa=self.aa, name="dw_mid")(x, train)
+                            act=self.act, aa=self.aa, dilation=self.dilation, name="dw_mid")(x, train)
         x = ConvNormAct(self.out_chs, self.conv, self.norm, 1, act=None, name="pw_proj")(x, train)
         if self.layer_scale is not None:
             x = LayerScale(self.layer_scale, name="layer_scale")(x)
@@ -279,9 +295,19 @@ class Stage(nn.Module):
     drop_path_rates: tuple[float, ...]
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, tap_expansion: bool = False):
+        """`tap_expansion`: return `(output, expanded map of the first block)` (an `InvertedResidual`'s
+        `return_expansion`)."""
         if len(self.drop_path_rates) != len(self.blocks):
             raise ValueError(f"{len(self.blocks)} blocks but {len(self.drop_path_rates)} drop-path rates")
+        tap = None
         for j, (spec, rate) in enumerate(zip(self.blocks, self.drop_path_rates)):
-            x = self.make(spec, rate, name=f"block_{j}")(x, train)
-        return x
+            block = self.make(spec, rate, name=f"block_{j}")
+            if tap_expansion and j == 0:
+                if not isinstance(block, InvertedResidual):
+                    raise ValueError(f"{self.name}: an expansion tap needs an inverted residual first block, not "
+                                     f"{type(block).__name__}")
+                x, tap = block(x, train, return_expansion=True)
+            else:
+                x = block(x, train)
+        return (x, tap) if tap_expansion else x

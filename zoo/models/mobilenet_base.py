@@ -93,6 +93,7 @@ class Block:
     exp_splits: int = 1
     pwl_splits: int = 1
     start_kernel: int = 0
+    dilation: int = 1  # of the block's spatial convs (`dilate`)
 
 
 def _scale_depth(specs: tuple[BlockSpec, ...], multiplier: float, trunc: str = "ceil") -> list[BlockSpec]:
@@ -152,11 +153,39 @@ def resolve_stages(
     return tuple(stages)
 
 
-def feature_info(stages: tuple[tuple[Block, ...], ...], stem_stride: int = 2) -> tuple[FeatureInfo, ...]:
+def dilate(stages: tuple[tuple[Block, ...], ...], output_stride: int, dilate_first: bool = False,
+           stem_stride: int = 2) -> tuple[tuple[Block, ...], ...]:
+    """The blocks with every stride that would take the network past `output_stride` turned into dilation of the
+    spatial convs from there on (DeepLab's atrous backbone, arXiv:1706.05587 Sec. 3.1), keeping the receptive field.
+
+    `dilate_first`: the block whose stride is removed already uses the grown dilation (torchvision's
+    `mobilenet_v3_large(dilated=True)`); otherwise it keeps the previous one and the blocks after it use the grown
+    one (timm's `output_stride`)."""
+    if output_stride not in (8, 16, 32) or output_stride < stem_stride:
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    stride, dilation, out = stem_stride, 1, []
+    for blocks in stages:
+        resolved = []
+        for b in blocks:
+            if b.stride > 1 and stride * b.stride > output_stride:
+                grown = dilation * b.stride
+                resolved.append(replace(b, stride=1, dilation=grown if dilate_first else dilation))
+                dilation = grown
+            else:
+                stride *= b.stride
+                resolved.append(replace(b, dilation=dilation))
+        out.append(tuple(resolved))
+    return tuple(out)
+
+
+def feature_info(stages: tuple[tuple[Block, ...], ...], stem_stride: int = 2,
+                 output_stride: int = 32) -> tuple[FeatureInfo, ...]:
     """The last stage output at each stride: what detection/segmentation heads take (timm's feature_info); the stem's
-    output where it is the only stride-2 map (MobileNetV3-Small)."""
-    return stage_feature_info(stages[0][0].in_chs, [b[0].stride for b in stages], [b[-1].out_chs for b in stages],
-                              stem_stride)
+    output where it is the only stride-2 map (MobileNetV3-Small). With a dilated `output_stride`, the same entries
+    at strides no larger than it."""
+    infos = stage_feature_info(stages[0][0].in_chs, [b[0].stride for b in stages], [b[-1].out_chs for b in stages],
+                               stem_stride)
+    return tuple(replace(f, stride=min(f.stride, output_stride)) for f in infos)
 
 
 class FoldedNorm(nn.Module):
@@ -183,6 +212,10 @@ def make_block(b: Block, drop_path_rate: float, *, conv, norm, se_act: str, se_g
     common = dict(conv=conv, norm=norm, kernel=b.kernel, stride=b.stride, act=b.act, name=name)
     if aa and b.kind in ("ds", "ir"):
         raise ValueError(f"block {name}: anti-aliased downsampling is built for 'cn', 'er' and 'uir' blocks only")
+    if b.dilation > 1 and isinstance(b.kernel, int) and b.kernel > 1:  # 1x1 convs are the same at any dilation
+        common["dilation"] = b.dilation
+    elif b.dilation > 1 and isinstance(b.kernel, tuple):
+        raise ValueError(f"block {name}: mixed-kernel convs are not built dilated (output_stride needs plain convs)")
     if b.kind == "cn":
         return ConvNormAct(b.out_chs, **common, norm_name="bn1", skip=b.skip, aa=aa)
     if b.kind == "uir":
@@ -269,6 +302,13 @@ class MobileNet(nn.Module):
     head_norm: bool = False  # a BatchNorm after the "mobilenetv3" head conv (MobileNetV4)
     aa: str | None = None  # anti-aliased downsampling in the blocks ("avg" or "blur", see `zoo.layers.blocks`)
     layer_scale: float | None = None  # 'uir' blocks' layer scale init value (None: no layer scale)
+    # dilated output stride 8 or 16 for dense prediction (see `dilate`); the feature dict keeps its names
+    output_stride: int = 32
+    dilate_first: bool = False
+    # stages whose first block's expansion (after conv_pw, bn1, act) the feature dict also returns, keyed
+    # "<stage>.expansion": torchvision SSDLite's C4 is "stages_5.expansion" (timm's feature_location="expansion"
+    # taps later, at the projection's input)
+    expansion_taps: tuple[str, ...] = ()
     dtype: Any = None  # compute dtype (e.g. jnp.bfloat16); parameters stay float32
     # injected layer factories (None: the defaults; see `zoo.models.backbone.layer_factories`)
     conv: Any = None
@@ -290,20 +330,31 @@ class MobileNet(nn.Module):
             x, train)
         make = partial(make_block, conv=conv, norm=norm, se_act=self.se_act, se_gate=self.se_gate, aa=self.aa,
                        layer_scale=self.layer_scale)
-        n_blocks = sum(len(s) for s in self.stages)
-        names = [f.name for f in feature_info(self.stages)]
-        seen, maps = 0, [x] if "stem" in names else []
-        for i, blocks in enumerate(self.stages):
+        stages = self.stages if self.output_stride == 32 else dilate(self.stages, self.output_stride, self.dilate_first)
+        n_blocks = sum(len(s) for s in stages)
+        names = [f.name for f in feature_info(self.stages)]  # the undilated network's: the same keys at any stride
+        unknown = set(self.expansion_taps) - {f"stages_{i}" for i in range(len(stages))}
+        if unknown:
+            raise ValueError(f"expansion_taps {sorted(unknown)}: not stages of this network (stages_0..stages_"
+                             f"{len(stages) - 1})")
+        seen, maps, taps = 0, [x] if "stem" in names else [], {}
+        for i, blocks in enumerate(stages):
             # stochastic depth grows linearly with block index (EfficientNet)
             rates = tuple(self.drop_path_rate * (seen + j) / n_blocks for j in range(len(blocks)))
             seen += len(blocks)
-            x = Stage(blocks, make, rates, name=f"stages_{i}")(x, train)
+            stage_module = Stage(blocks, make, rates, name=f"stages_{i}")
+            if f"stages_{i}" in self.expansion_taps:
+                x, taps[f"stages_{i}.expansion"] = stage_module(x, train, tap_expansion=True)
+            else:
+                x = stage_module(x, train)
             if f"stages_{i}" in names:
                 maps.append(x)
         head = MobileNetHead(self.num_features, self.num_classes, self.head_type, self.act,
                              head_conv if self.head_type == "mobilenetv3" and not self.head_norm else conv, norm,
                              dense, self.drop_rate, self.head_bias, self.head_norm, name="head")
         feats = feature_dict(names, maps, head(x, train, pre_logits=True))
+        if taps:
+            feats = {**taps, **feats}
         if features:
             return feats
         return head(feats, train)
