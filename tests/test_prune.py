@@ -1,4 +1,5 @@
-"""Channel pruning (compress.prune): slicing consistency, MACs, save/load, errors; latency and recovery (slow).
+"""Channel pruning (compress.prune): slicing consistency, MACs, save/load, errors; recovery by fine-tuning (slow).
+The latency of pruned models is measured by `bench/compression.py`.
 
 Consistency is proven numerically: channels made dead (producing filters and BN gamma/beta zero) contribute exactly
 nothing, so removing them must leave the logits unchanged, while removing live channels must change them.
@@ -216,22 +217,6 @@ def test_save_refuses_what_it_cannot_record(lite, tmp_path):
         save_pruned(zoo.Model(lite.module, lite.variables, lite.cfg.replace(name="my_net")), tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="not a directory written by save_pruned"):
         load_pruned(tmp_path)
-
-
-@pytest.mark.slow
-def test_pruned_mobilenetv3_runs_faster_in_tflite():
-    """fp32 TFLite at 160x160, LiteRT + XNNPACK, 1 thread, interleaved rounds: 50% pruning must save >= 20%."""
-    from export import to_tflite
-    from export.latency import benchmark_many
-
-    hw = (160, 160)
-    base = _model("mobilenetv3_large_100", hw=hw)
-    small = prune_channels(base, 0.5)
-    blobs = {k: to_tflite(m, input_hw=hw, progress=False).content for k, m in (("full", base), ("pruned", small))}
-    rows = {r.model: r for r in benchmark_many(blobs, threads=(1,), runs=60, warmup=5, budget_s=30)}
-    print(f"\nmobilenetv3_large_100 @160 fp32 TFLite, 1 thread: {rows['full'].median_ms:.2f} ms -> "
-          f"{rows['pruned'].median_ms:.2f} ms (50% pruned); others' CPUs {rows['full'].others_cpu}")
-    assert rows["pruned"].median_ms < 0.8 * rows["full"].median_ms
 
 
 @pytest.mark.slow
