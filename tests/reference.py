@@ -148,8 +148,9 @@ def calibrate_batchnorm(model, x_nchw) -> None:
 MIN_SAMPLES = 16  # values per channel below which `calibrate_batchnorm` leaves a BatchNorm's statistics alone
 
 
-def scale_classifier_to_trained_spread(model, x_nchw, target_std: float = 3.0) -> None:
-    """Rescale the last Linear so logits on `x` have the spread of a trained ImageNet model (std ~3).
+def scale_classifier_to_trained_spread(model, x_nchw, target_std: float = 3.0, logits=None) -> None:
+    """Rescale the last Linear so logits on `x` have the spread of a trained ImageNet model (std ~3). `logits`: the
+    model's output on `x` where the caller has it already.
 
     Random-init heads give logits with std 15-40, where float32 rounding alone (torch fp32 vs fp64) differs by
     ~1e-4: a 1e-4 tolerance only tests the conversion when logits have a realistic scale.
@@ -157,8 +158,10 @@ def scale_classifier_to_trained_spread(model, x_nchw, target_std: float = 3.0) -
     import torch
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    with torch.inference_mode():
-        std = float(model(x_nchw).std())
+    if logits is None:
+        with torch.inference_mode():
+            logits = model(x_nchw)
+    std = float(logits.std())
     with torch.no_grad():
         linears[-1].weight.mul_(target_std / std)
         linears[-1].bias.mul_(target_std / std)
