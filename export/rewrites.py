@@ -24,6 +24,8 @@ from typing import Callable, Mapping
 import jax
 import numpy as np
 
+from zoo.abstract import per_module_and_shape
+
 
 def hard_swish_int8_friendly(x):
     """hard_swish(x) = x * relu6(x + 3) / 6, ordered so that the converter keeps it as MUL / ADD+RELU6 / MUL."""
@@ -82,7 +84,8 @@ INT8_ACTIVATIONS: Mapping[str, Callable] = {"hard_swish": hard_swish_int8_friend
 INT8_FLOAT_ACTIVATIONS = frozenset({"gelu"})
 
 
-def activations_used(module, variables, x) -> set[str]:
+@per_module_and_shape
+def activations_used(module, variables, x) -> frozenset[str]:
     """Names of the zoo activations `module`'s forward pass looks up (`zoo.layers.activations.get_act`), from an
     abstract trace on `x` (a shape-dtype struct or an array)."""
     from zoo.layers.activations import ACTIVATIONS, override_activations
@@ -97,7 +100,7 @@ def activations_used(module, variables, x) -> set[str]:
 
     with override_activations({n: recording(n, f) for n, f in ACTIVATIONS.items()}):
         jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, x)
-    return used
+    return frozenset(used)
 
 
 

@@ -39,3 +39,27 @@ def test_the_structure_of_init_traced_once_per_module_and_shape(monkeypatch):
 def test_a_module_that_cannot_be_hashed_is_traced_each_time():
     tree = abstract_variables(Net(width=3, sizes=[1, 2]), (1, 8, 8, 3))
     assert tree["batch_stats"]["BatchNorm_0"]["mean"].shape == (3,)
+
+
+def test_facts_of_a_forward_trace_are_cached_per_module_and_shape():
+    from zoo.abstract import per_module_and_shape
+
+    calls = []
+
+    @per_module_and_shape
+    def widths(module, variables, x):
+        calls.append(x.shape)
+        out = jax.eval_shape(lambda v, x: module.apply(v, x), variables, x)
+        return out.shape[-1], len(variables["params"])
+
+    variables = abstract_variables(Net(width=5), (1, 8, 8, 3))
+    assert widths(Net(width=5), variables, jnp.zeros((4, 8, 8, 3))) == (5, 2)
+    # an equal module, another batch, other variables of the same structure: cached (traced with batch 1)
+    assert widths(Net(width=5), dict(variables), jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)) == (5, 2)
+    assert calls == [(1, 8, 8, 3)]
+    widths(Net(width=5), variables, jnp.zeros((1, 9, 9, 3)))  # another input size
+    widths(Net(width=6), abstract_variables(Net(width=6), (1, 8, 8, 3)), jnp.zeros((1, 8, 8, 3)))  # another module
+    unhashable = Net(width=3, sizes=[1, 2])
+    for _ in range(2):
+        widths(unhashable, abstract_variables(unhashable, (1, 8, 8, 3)), jnp.zeros((1, 8, 8, 3)))
+    assert len(calls) == 5

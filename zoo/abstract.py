@@ -9,6 +9,9 @@ size left out: no layer's variables depend on it.
     from zoo.abstract import abstract_variables
 
     tree = abstract_variables(zoo.create_model("mobilenet_v2"), (1, 224, 224, 3))  # jax.ShapeDtypeStruct leaves
+
+`per_module_and_shape` caches other facts read from one abstract trace of a forward pass the same way (which layers
+an int8 export keeps float, which activations a network uses).
 """
 
 from __future__ import annotations
@@ -43,6 +46,40 @@ def _cached(module: nn.Module, shape: tuple[int, ...], dtype: str) -> dict:
 
 def _trace(module: nn.Module, shape: tuple[int, ...], dtype: str) -> dict:
     return jax.eval_shape(lambda x: module.init(jax.random.key(0), x), jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
+
+
+def per_module_and_shape(fn):
+    """`fn(module, variables, x)`, a fact about the trace of `module` on inputs shaped like `x` (its batch left out),
+    cached by (module, shape, dtype): `variables` is read for its structure only, which the module and shape decide.
+    The result must be immutable (a string, None, a frozenset). Unhashable modules are traced each call."""
+    @functools.lru_cache(maxsize=_CACHED_TREES)
+    def cache(module, shape, dtype, variables):
+        return fn(module, variables.value, jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
+
+    @functools.wraps(fn)
+    def wrapper(module, variables, x):
+        shape, dtype = (1, *(int(d) for d in x.shape[1:])), np.dtype(x.dtype).name
+        try:
+            hash(module)
+        except TypeError:
+            return fn(module, variables, x)
+        return cache(module, shape, dtype, _Unhashed(variables))
+
+    wrapper.cache_clear = cache.cache_clear
+    return wrapper
+
+
+class _Unhashed:
+    """Passes a value through `lru_cache` without entering the key (every instance compares equal)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return 0
+
+    def __eq__(self, other):
+        return isinstance(other, _Unhashed)
 
 
 def _copy(tree):

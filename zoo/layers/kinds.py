@@ -20,6 +20,8 @@ from typing import Callable, Literal
 import flax.linen as nn
 import jax
 
+from zoo.abstract import per_module_and_shape
+
 Role = Literal["weight", "norm", "attention", "reparam", "group"]
 
 
@@ -161,6 +163,7 @@ def _register_builtin() -> None:
 _register_builtin()
 
 
+@per_module_and_shape
 def float_in_int8_pattern(module: nn.Module, variables: dict, x) -> str | None:
     """A regex over module paths matching every layer whose kind stays float in an int8 export (None: no such layer).
 
