@@ -1,10 +1,10 @@
 """Greedy non-maximum suppression with static shapes, so that it runs under `jax.jit` and exports.
 
-Greedy NMS (as in SSD, Liu et al., arXiv:1512.02325, Sec. 3 "Inference"): visit boxes by decreasing score, keep a box
-unless a kept box of the same class overlaps it by IoU > threshold. The data-dependent set of survivors becomes a
-mask over a fixed number of candidates, and the output a fixed number of rows with a validity mask. The visit is one
-loop over the candidates, each step vectorized over every batch dimension (images, classes), so an SSD's per-class
-NMS over 90 classes x 300 candidates costs 300 small steps, not a 27,000 x 27,000 overlap matrix.
+Greedy NMS (as in SSD, Liu et al., arXiv:1512.02325, Sec. 3.7 "Inference time"): visit boxes by decreasing score,
+keep a box unless a kept box of the same class overlaps it by IoU > threshold. The data-dependent set of survivors
+becomes a mask over a fixed number of candidates, and the output a fixed number of rows with a validity mask. The
+visit is one loop over the candidates, each step vectorized over every batch dimension (images, classes), so an SSD's
+per-class NMS over 90 classes x 300 candidates costs 300 small steps, not a 27,000 x 27,000 overlap matrix.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Detections from an anchor-based detector's raw outputs (SSD, Liu et al., arXiv:1512.02325, Sec. 3 "Inference"),
-with static shapes so that it runs under `jax.jit`.
+"""Detections from an anchor-based detector's raw outputs (SSD, Liu et al., arXiv:1512.02325, Sec. 3.7 "Inference
+time"), with static shapes so that it runs under `jax.jit`.
 
 The raw outputs are a detection model's `module.apply(v, x)`: `{"cls_logits": (N, A, C), "bbox_regression": (N, A,
 4)}`, class 0 the background, one row per anchor. Per image: boxes decoded from the anchors and clipped to the image,
