@@ -29,8 +29,10 @@ X = random_images(2, (320, 320))
 ANCHORS = 6 * (20 * 20 + 10 * 10 + 5 * 5 + 3 * 3 + 2 * 2 + 1)  # 6 boxes per location of the six maps: 3,234
 # Random heads give class logits of std ~0.2: every class of every anchor then scores ~1/91, above the 0.001
 # threshold. Scaled by this and with the background's logit raised, a few hundred candidates pass it and NMS leaves
-# ~110 per image; lowering the background by `CROWDED` lets thousands pass, so the 300-detection cut applies too.
-LOGIT_GAIN, BACKGROUND, CROWDED = 12.0, 19.0, 3.0
+# ~110 per image. The crowded outputs shift the logits by `CROWDED`: thousands pass, the 300-detection cut applies,
+# and one class (the first) has more candidates than the 300 kept per class.
+LOGIT_GAIN, BACKGROUND = 12.0, 19.0
+CROWDED = np.array([-3.0, 6.0] + [0.0] * 89, np.float32)
 BOX_GAIN = 4.0  # box offsets of std ~0.75: boxes move off their anchors, so NMS meets varied overlaps
 
 
@@ -175,7 +177,7 @@ def _twin_and_outputs(path: str) -> dict:
         feats = list(twin.backbone(x).values())
         head = twin.head(feats)
         anchors = twin.anchor_generator(ImageList(x, sizes), feats)
-        crowded = {**head, "cls_logits": head["cls_logits"] - torch.tensor([CROWDED] + [0.0] * 90)}
+        crowded = {**head, "cls_logits": head["cls_logits"] + torch.from_numpy(CROWDED)}
         found = {"sparse": twin.postprocess_detections(head, anchors, sizes),
                  "crowded": twin.postprocess_detections(crowded, anchors, sizes)}
     return {"raw": {k: v.numpy() for k, v in head.items()}, "crowded": {k: v.numpy() for k, v in crowded.items()},
@@ -191,17 +193,25 @@ def twin(tmp_path_factory):
 
 
 def _same_detections(got: dict, expected: list[dict]) -> tuple[int, float, float]:
-    """Our padded detections equal torchvision's per image: (how many, max box error in pixels, max score error)."""
+    """Our padded detections are torchvision's per image: (how many, max box error in pixels, max score error).
+
+    Each of torchvision's detections is matched to ours by label and box (within 1e-3 px), one to one, and both lists
+    are by decreasing score: the order may differ only where scores tie to float rounding (4e-6 apart here)."""
     compared, box_error, score_error = 0, 0.0, 0.0
     for i, ref in enumerate(expected):
         valid = np.asarray(got["valid"][i])
         n = len(ref["boxes"])
         assert valid.sum() == n and valid[:n].all(), (i, valid.sum(), n)
-        np.testing.assert_array_equal(np.asarray(got["labels"][i][:n]), ref["labels"])
-        box_error = max(box_error, float(np.abs(np.asarray(got["boxes"][i][:n]) - ref["boxes"]).max()))
-        score_error = max(score_error, float(np.abs(np.asarray(got["scores"][i][:n]) - ref["scores"]).max()))
+        boxes, scores, labels = (np.asarray(got[k][i][:n]) for k in ("boxes", "scores", "labels"))
+        distance = np.abs(boxes[:, None] - ref["boxes"][None]).max(-1)  # (ours, torchvision's)
+        same = (labels[:, None] == ref["labels"][None]) & (distance <= 1e-3)
+        assert (same.sum(0) == 1).all() and (same.sum(1) == 1).all(), f"image {i}: detections differ"
+        ours = same.argmax(0)  # ours matching each of torchvision's
+        box_error = max(box_error, float(distance[ours, np.arange(n)].max()))
+        score_error = max(score_error, float(np.abs(scores[ours] - ref["scores"]).max()))
+        assert (np.diff(scores) <= 0).all()
         compared += n
-    assert box_error <= 1e-3 and score_error <= 1e-4, (box_error, score_error)  # 1e-4: the bar of the logits
+    assert score_error <= 1e-4, score_error  # the bar of the logits
     return compared, box_error, score_error
 
 
