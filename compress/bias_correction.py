@@ -38,6 +38,7 @@ from flax import traverse_util
 
 from compress.fold_bn import BatchNormFolded, fold_bn, unfold_variables
 from compress.qat import STATS, QuantAware, fake_quant_weight
+from zoo.abstract import structure_trace
 from zoo.layers import kinds
 
 DEFAULT_BATCH = 32
@@ -108,7 +109,8 @@ def correctable_layers(module: nn.Module, variables: dict, input_shape, *, exclu
         with nn.intercept_methods(_Record()):
             return module.apply(v, x, train=False)
 
-    jax.eval_shape(trace, variables, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+    with structure_trace():
+        jax.eval_shape(trace, variables, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
     out = []
     for path in dict.fromkeys(seen):
         if seen.count(path) > 1:

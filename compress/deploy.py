@@ -27,7 +27,7 @@ import numpy as np
 from flax import traverse_util
 
 from compress.fold_bn import FoldError, checked, default_input_shape, find_conv_bn_pairs, fold_bn
-from zoo.abstract import abstract_variables
+from zoo.abstract import abstract_variables, structure_trace
 from zoo.layers import kinds
 
 __all__ = ["deploy", "deploy_checked", "reparameterize", "reparameterize_variables", "deploy_param_count"]
@@ -50,7 +50,7 @@ def _reparam_layers(module: nn.Module, variables, x) -> list[tuple[tuple[str, ..
             kinds.check_known(ctx.module, "deploy")
         return out
 
-    with nn.intercept_methods(record):
+    with nn.intercept_methods(record), structure_trace():
         jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, x)
     return found
 

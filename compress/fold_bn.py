@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from zoo.abstract import structure_trace
 from zoo.layers import kinds
 
 Pass = Callable[[nn.Module, dict], tuple[nn.Module, dict]]
@@ -85,7 +86,7 @@ def find_conv_bn_pairs(module: nn.Module, variables: dict | None = None, input_s
     shape = tuple(input_shape or default_input_shape(module))
     rec = _Recorder()
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
-    with nn.intercept_methods(rec):
+    with nn.intercept_methods(rec), structure_trace():
         if variables is None:
             jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
         else:

@@ -20,6 +20,7 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 
 import zoo
+from zoo.abstract import structure_trace
 from zoo.registry import get_entry
 
 SIGNATURE_HW = (64, 64)  # small, and divisible by every family's largest stride
@@ -65,9 +66,11 @@ def _summary(name: str) -> tuple[int, frozenset]:
         return cached
     module = zoo.create_model(name)
     x = jax.ShapeDtypeStruct((1, *SIGNATURE_HW, 3), jnp.float32)
-    # the key is an input, so that weights drawn from it are not taken for constants
-    jaxpr, (_, variables) = jax.make_jaxpr(lambda key, x: module.init_with_output(key, x),
-                                           return_shape=True)(jax.random.key(0), x)
+    # the key is an input, so that weights drawn from it are not taken for constants; depthwise convolutions as the
+    # exported graph has them (one op), not as the CPU default's shifted slices
+    with structure_trace():
+        jaxpr, (_, variables) = jax.make_jaxpr(lambda key, x: module.init_with_output(key, x),
+                                               return_shape=True)(jax.random.key(0), x)
     tokens: set[tuple] = set()
 
     def walk(j, constant: set, data: set) -> None:

@@ -20,7 +20,7 @@ from typing import Callable, Literal
 import flax.linen as nn
 import jax
 
-from zoo.abstract import per_module_and_shape
+from zoo.abstract import per_module_and_shape, structure_trace
 
 Role = Literal["weight", "norm", "attention", "reparam", "group"]
 
@@ -143,7 +143,7 @@ def interceptor_checking(what: str):
 
 def check_model(module: nn.Module, variables: dict, x, what: str = "pass") -> None:
     """Trace `module` abstractly on `x` and raise for the first parameter-holding module of an unknown kind."""
-    with nn.intercept_methods(interceptor_checking(what)):
+    with nn.intercept_methods(interceptor_checking(what)), structure_trace():
         jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, x)
 
 
