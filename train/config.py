@@ -46,6 +46,7 @@ class DataConfig:
     data_dir: str | None = None  # tensorflow-datasets data_dir
     image_key: str = "image"
     label_key: str = "label"
+    mask_key: str | None = None  # tfds: the feature of per-pixel class ids (e.g. segmentation_mask); folders need none
     val_fraction: float = 0.0  # carve the eval split from the training data (seeded) when the source has none
     image_size: int | None = None  # square train/eval resolution; default: the model's input size
     batch_size: int = 64  # global batch (all hosts and devices together)

@@ -19,6 +19,9 @@ import numpy as np
 from PIL import Image
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
 class DataError(ValueError):
     """Data that cannot be trained on: empty, with targets the task cannot use, or not matching the model. Raised
     before training."""

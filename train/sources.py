@@ -1,7 +1,9 @@
-"""Sources of examples: in-memory arrays, image folders (one subfolder per class) and tensorflow-datasets splits.
+"""Sources of examples: in-memory arrays, image folders (one subfolder per class), folders of images with
+segmentation masks (`train.mask_sources`) and tensorflow-datasets splits.
 
 `open_source` picks one from a spec string (`tfds:NAME`, `folder:PATH` or a folder path); `write_image_folder` writes
-arrays in the layout `FolderSource` reads. Examples of labelled images are `{"image": ..., "label": int}`.
+arrays in the layout `FolderSource` reads. Examples of labelled images are `{"image": ..., "label": int}`, of segmented
+ones `{"image": ..., "mask": (H, W) class ids}`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from train.data import DataError, Source, split_fraction
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+from train.data import IMAGE_SUFFIXES, DataError, Source, split_fraction
+from train.mask_sources import has_mask_split, open_mask_folder
 
 
 class ArraySource(Source):
@@ -107,22 +108,29 @@ class FolderSource(Source):
 
 class TfdsSource(Source):
     """A tensorflow-datasets split with random access (`tfds.data_source`); splits that are not stored in a
-    random-access format are read into memory once."""
+    random-access format are read into memory once.
+
+    With `mask_key` (e.g. "segmentation_mask" of `oxford_iiit_pet`) examples are `{"image", "mask"}` read from that
+    feature (per-pixel class ids; its class count is not recorded by tfds: set `model.num_classes`), else
+    `{"image", "label"}`.
+    """
 
     def __init__(self, name: str, split: str, *, data_dir: str | None = None, image_key: str = "image",
-                 label_key: str = "label"):
+                 label_key: str = "label", mask_key: str | None = None):
         import tensorflow_datasets as tfds
 
         self.name, self.image_key, self.label_key = f"tfds:{name}[{split}]", image_key, label_key
+        self.mask_key = mask_key or None
         builder = tfds.builder(name, data_dir=data_dir)
         features = builder.info.features
-        for key in (image_key, label_key):
+        target_key = self.mask_key or label_key
+        for key in (image_key, target_key):
             if key not in features:
                 raise DataError(f"{self.name} has no feature '{key}'; features: {', '.join(features.keys())} "
-                                "(set data.image_key / data.label_key)")
-        label_feature = features[label_key]
-        self.num_classes = getattr(label_feature, "num_classes", None)
-        names = getattr(label_feature, "names", None)
+                                f"(set data.image_key / data.{'mask_key' if self.mask_key else 'label_key'})")
+        label_feature = features[target_key]
+        self.num_classes = None if self.mask_key else getattr(label_feature, "num_classes", None)
+        names = None if self.mask_key else getattr(label_feature, "names", None)
         self.class_names = tuple(names) if names else None
         shape = getattr(features[image_key], "shape", None)
         self.channels = shape[-1] if shape and shape[-1] is not None else None
@@ -130,48 +138,67 @@ class TfdsSource(Source):
             self._source = tfds.data_source(name, split=split, data_dir=data_dir)
             self._memory = None
         except Exception:  # noqa: BLE001  (no ArrayRecord files: fall back to reading the split once)
-            arrays = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, batch_size=-1))
             self._source = None
-            self._memory = (arrays[image_key], np.asarray(arrays[label_key], np.int64))
+            if self.mask_key:  # images and masks of varying sizes do not stack: a list of records
+                self._memory = [{k: r[k] for k in (image_key, self.mask_key)}
+                                for r in tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir))]
+            else:
+                arrays = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, batch_size=-1))
+                self._memory = (arrays[image_key], np.asarray(arrays[label_key], np.int64))
         if len(self) == 0:
             raise DataError(f"{self.name} is empty")
 
     def __len__(self):
-        return len(self._memory[1]) if self._memory else len(self._source)
+        if self._memory is None:
+            return len(self._source)
+        return len(self._memory) if self.mask_key else len(self._memory[1])
 
     def example(self, i):
+        if self.mask_key:
+            record = self._memory[i] if self._memory is not None else self._source[int(i)]
+            return {"image": record[self.image_key], "mask": record[self.mask_key]}
         if self._memory:
             return {"image": self._memory[0][i], "label": int(self._memory[1][i])}
         record = self._source[int(i)]
         return {"image": record[self.image_key], "label": int(record[self.label_key])}
 
     def values(self, key):
-        return self._memory[1] if (self._memory and key == "label") else None
+        return self._memory[1] if (self._memory and not self.mask_key and key == "label") else None
 
 
 def open_source(spec: str | Source, split: str, *, data_dir: str | None = None, image_key: str = "image",
-                label_key: str = "label", class_names: Sequence[str] | None = None) -> Source:
+                label_key: str = "label", class_names: Sequence[str] | None = None,
+                mask_key: str | None = None) -> Source:
     """`tfds:NAME` / `folder:PATH` / a folder path -> a Source for `split`. Folders with a `split` subfolder use it;
-    `class_names` (the training split's) fixes a folder's classes and their order."""
+    `class_names` (the training split's) fixes a folder's classes and their order. A folder in a segmentation layout
+    (VOC's, or images/ + masks/; see `train.mask_sources`) gives images with masks; a tfds dataset does with
+    `mask_key`."""
     if isinstance(spec, Source):
         return spec
     if not spec:
         raise DataError("no training data: set data.source (tfds:NAME, folder:PATH) or pass arrays")
     if spec.startswith("tfds:"):
-        return TfdsSource(spec[5:], split, data_dir=data_dir, image_key=image_key, label_key=label_key)
+        return TfdsSource(spec[5:], split, data_dir=data_dir, image_key=image_key, label_key=label_key,
+                          mask_key=mask_key)
     root = Path(spec[7:] if spec.startswith("folder:") else spec).expanduser()
+    segmented = open_mask_folder(root, split, class_names)
+    if segmented is not None:
+        return segmented
     if (root / split).is_dir():
         return FolderSource(root / split, class_names=class_names)
     return FolderSource(root, class_names=class_names)
 
 
 def as_source(data, name: str) -> Source | None:
-    """A Source as given, an (images, labels) pair as an ArraySource, or None."""
+    """A Source as given, an (images, labels) or (images, masks) pair as an ArraySource, or None."""
     if data is None or isinstance(data, Source):
         return data
     if isinstance(data, (tuple, list)) and len(data) == 2:
+        if np.ndim(data[1]) == 3:  # (N, H, W): one mask per image
+            return ArraySource(data[0], targets={"mask": np.asarray(data[1])}, name=name)
         return ArraySource(data[0], data[1], name=name)
-    raise TypeError(f"{name} data must be a Source, an (images, labels) pair or None, not {type(data).__name__}")
+    raise TypeError(f"{name} data must be a Source, an (images, labels) or (images, masks) pair or None, not "
+                    f"{type(data).__name__}")
 
 
 def open_data(data, seed: int, train_data=None, eval_data=None) -> tuple[Source, Source | None]:
@@ -179,13 +206,14 @@ def open_data(data, seed: int, train_data=None, eval_data=None) -> tuple[Source,
     seeded `val_fraction` of the training data."""
     d = data
     train_src = as_source(train_data, "train") or open_source(d.source, d.train_split, data_dir=d.data_dir,
-                                                               image_key=d.image_key, label_key=d.label_key)
+                                                               image_key=d.image_key, label_key=d.label_key,
+                                                               mask_key=d.mask_key)
     eval_src = as_source(eval_data, "eval")
     if eval_src is None and d.val_fraction:
         train_src, eval_src = split_fraction(train_src, d.val_fraction, seed)
     elif eval_src is None and d.eval_split and train_data is None and has_split(d.source, d.eval_split):
         eval_src = open_source(d.source, d.eval_split, data_dir=d.data_dir, image_key=d.image_key,
-                               label_key=d.label_key, class_names=train_src.class_names)
+                               label_key=d.label_key, class_names=train_src.class_names, mask_key=d.mask_key)
     return train_src, eval_src
 
 
@@ -193,7 +221,8 @@ def has_split(spec: str | Source, split: str) -> bool:
     if isinstance(spec, Source) or spec.startswith("tfds:"):
         return True
     root = Path(spec[7:] if spec.startswith("folder:") else spec).expanduser()
-    return (root / split).is_dir()
+    segmented = has_mask_split(root, split)
+    return (root / split).is_dir() if segmented is None else segmented
 
 
 def write_image_folder(images, labels, root: str | os.PathLike, class_names: Sequence[str] | None = None,
