@@ -7,6 +7,7 @@ registry is complete.
 from train.tasks.base import (Task, TaskConfig, build_task, check_shapes, pad_ragged, register_task,
                               task_config_class, task_kinds)
 from train.tasks.classification import Classification, ClassificationConfig
+from train.tasks.segmentation import Segmentation, SegmentationConfig
 
-__all__ = ["Classification", "ClassificationConfig", "Task", "TaskConfig", "build_task", "check_shapes",
-           "pad_ragged", "register_task", "task_config_class", "task_kinds"]
+__all__ = ["Classification", "ClassificationConfig", "Segmentation", "SegmentationConfig", "Task", "TaskConfig",
+           "build_task", "check_shapes", "pad_ragged", "register_task", "task_config_class", "task_kinds"]
