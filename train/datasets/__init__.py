@@ -1,0 +1,1 @@
+"""Datasets the library can generate offline, for tests, demos and recipes that must run without a download."""
