@@ -33,7 +33,7 @@ def decode_distances(distances, points, strides):
 
 
 def distribution_integral(logits):
-    """The expected value of the distribution over 0..reg_max that `logits` (..., reg_max + 1) give (GFL Eq. 5)."""
+    """The expected value of the distribution over 0..reg_max that `logits` (..., reg_max + 1) give (GFL Sec. 3.3)."""
     bins = jnp.arange(logits.shape[-1], dtype=jnp.float32)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1) @ bins
 
