@@ -5,7 +5,9 @@ size, mean/std, interpolation, crop_pct, labels, the quantization and the input/
 zero point, plus the verification and op reports of the export and the sha256 of the .tflite bytes it describes (so a
 stale sidecar is caught instead of silently misclassifying). `signatures` lists every signature of the file with its
 input and output names, and what its verification checked (`check`) with the check's report; `input`, `output` and
-`verification` repeat the first signature's for single-output readers.
+`verification` repeat the first signature's for single-output readers. `task` is the model's (`ModelCfg.task`) when
+the file holds its forward; a segmentation file's `segmentation` entry says which output it holds and which heads it
+left out (`export.segmentation`).
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ def build(*, name: str, cfg, labels, quantization: str, int8_io: bool, batch: in
           ops, verification, content: bytes, versions: dict, calibration: str | None = None,
           bias_correction: bool = False, equalization: bool = False, int8_keep_float: str | None = None,
           int8_split_top_row: str | None = None, signatures: dict | None = None,
-          checks: dict | None = None) -> dict:
+          checks: dict | None = None, task: str | None = None, segmentation: dict | None = None) -> dict:
     """The sidecar dictionary of one export (`ops`: OpsReport, `verification`: the first signature's report;
     `signatures`: key -> {"inputs", "outputs"} TensorInfo lists, `export.signatures.read`; `checks`: key ->
-    (OutputCheck, its report, where the verify inputs came from))."""
+    (OutputCheck, its report, where the verify inputs came from); `task`: the model's `ModelCfg.task` when the file
+    holds its forward (None for signatures of the caller's); `segmentation`: `export.segmentation.sidecar`)."""
     first = next(iter(signatures.values())) if signatures else None
     inp = first["inputs"][0] if first else ops.inputs[0]
     out = first["outputs"][0] if first else ops.outputs[0]
@@ -71,6 +74,7 @@ def build(*, name: str, cfg, labels, quantization: str, int8_io: bool, batch: in
         "std": list(cfg.std),
         "interpolation": cfg.interpolation,
         "crop_pct": cfg.crop_pct,
+        "task": task,
         "num_classes": cfg.num_classes,
         "labels": list(labels) if labels is not None else None,
         "quantization": quantization,
@@ -90,6 +94,7 @@ def build(*, name: str, cfg, labels, quantization: str, int8_io: bool, batch: in
         "ops": ops.ops,
         "float_islands": [list(i) for i in ops.float_islands],
         "exporter": versions,
+        **({"segmentation": segmentation} if segmentation is not None else {}),
     }
 
 
@@ -138,6 +143,9 @@ def predict_tflite(model_path: str | Path, images, top_k: int = 5,
     from export.runtime import LiteRTRunner
 
     meta = read(model_path)
+    if meta.get("task") == "segmentation":
+        raise ValueError(f"{model_path} is a segmentation model: its classes per pixel come from "
+                         "export.segment_tflite (`zoo segment --tflite`, `zoo predict --tflite`)")
     x = preprocess_for(meta, images)
     runner = LiteRTRunner(model_path, num_threads=num_threads)
     if runner.output is None:

@@ -125,9 +125,11 @@ def _named(out, names: list[str]) -> dict:
 
 def resolve_checks(check, names: dict[str, tuple[str, ...] | None], sources: dict[str, str],
                    counts: dict[str, int], *, atol: float, rtol: float, min_agreement: float | None,
-                   labels) -> dict[str, verify.OutputCheck]:
-    """`to_tflite(check=...)` -> a check per signature key. None: `ClassificationCheck` for a signature with one
-    output (with the export's atol, rtol, min_agreement and verify labels), `PerOutputCheck` for several."""
+                   labels, task: str | None = None) -> dict[str, verify.OutputCheck]:
+    """`to_tflite(check=...)` -> a check per signature key. None: by the model's `task` for its forward with one
+    output: `SegmentationCheck` for "segmentation" (min_agreement as the per-pixel agreement), else
+    `ClassificationCheck` (with the export's atol, rtol, min_agreement and verify labels); `PerOutputCheck` for
+    several outputs."""
     if isinstance(check, dict):
         unknown = sorted(set(check) - set(names))
         if unknown:
@@ -137,8 +139,11 @@ def resolve_checks(check, names: dict[str, tuple[str, ...] | None], sources: dic
         c = check.get(key) if isinstance(check, dict) else check
         if c is None:
             single = outputs is None or len(outputs) == 1
-            c = (verify.ClassificationCheck(atol, rtol, min_agreement, labels) if single
-                 else verify.PerOutputCheck(atol, rtol))
+            if single and task == "segmentation":
+                c = verify.SegmentationCheck(min_pixel_agreement=min_agreement, atol=atol, rtol=rtol)
+            else:
+                c = (verify.ClassificationCheck(atol, rtol, min_agreement, labels) if single
+                     else verify.PerOutputCheck(atol, rtol))
         if labels is not None and not isinstance(c, verify.ClassificationCheck):
             raise ValueError(f"verify_labels are read by a ClassificationCheck; signature {key!r} is checked by "
                              f"{getattr(c, 'name', type(c).__name__)!r}: drop them or pass "

@@ -5,7 +5,9 @@ legalizes the StableHLO into builtin TFLite ops and folds BatchNorm into the con
 report (`export.ops_report`) -> verification of every signature in the LiteRT interpreter against JAX
 (`export.parity`, with the task's `export.verify.OutputCheck`) -> atomic write of the model and its
 `model.tflite.json` sidecar (`export.metadata`), only once everything passed. A file holds the model's forward
-(outputs named by the keys of a dict it returns) or several signatures (`export.signatures`).
+(outputs named by the keys of a dict it returns) or several signatures (`export.signatures`). The model's task
+(`ModelCfg.task`) says what its forward exports and how it is checked: a segmentation model's file holds its main
+per-pixel logits, checked by pixel agreement and mIoU (`export.segmentation`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import numpy as np
 
 from export import calibration as calib_io
 from export import metadata, ops_report, parity, row_split
+from export import segmentation as seg
 from export import signatures as sigs
+from export.broadcast_resize import broadcast_as_resize
 from export.convert import RangeHook, calibration_samples, convert
 from export.errors import UnsupportedOpsError
 from export.parity import _reference  # noqa: F401 - where callers have found the cached JAX reference
@@ -123,8 +127,10 @@ def _resolve_model(model_or_module, variables, cfg, labels, name, progress):
         model_or_module = zoo.load(model_or_module, progress=progress)
     if isinstance(model_or_module, zoo.Model):
         m = model_or_module
+        from zoo.masks import dataset_labels
+
         return (m.module, m.variables if variables is None else variables, cfg or m.cfg,
-                labels if labels is not None else m.labels, name or m.name)
+                labels if labels is not None else (m.labels or dataset_labels(m.pretrained)), name or m.name)
     if not isinstance(model_or_module, nn.Module):
         raise TypeError("expected a zoo.Model, a model name or a flax linen Module, got "
                         f"{type(model_or_module).__name__}")
@@ -312,6 +318,8 @@ def to_tflite(
 
     model_or_module: a `zoo.Model` (from `zoo.load`), a model name (`"mobilenet_v2"`, loaded with its default
         weights), or a linen module together with `variables` (and `cfg`, a `zoo.ModelCfg`, for the metadata).
+        With `cfg.task == "segmentation"` the file's one output is the main per-pixel logits (N, H, W, classes);
+        an auxiliary head (DeepLabV3's) is left out of the graph (`export.segmentation`).
     quantization: None (fp32), "fp16" (fp16 weights, float compute), "dynamic" (int8 weights, float activations,
         int8 compute where kernels exist) or "int8" (full integer; needs `representative_data`).
     representative_data: calibration inputs for "int8": a float NHWC array (normalized like the model's input, e.g.
@@ -329,7 +337,7 @@ def to_tflite(
     params: "constants" (weights embedded in the StableHLO module; faster) or "arguments" (passed as tf.Variables
         the converter freezes); the same graph either way (see `export.trace`).
     min_agreement: top-1 agreement (0..1) a quantized export must reach, raising `ExportParityError` below it;
-        None only reports it.
+        None only reports it. For a segmentation model: the per-pixel agreement of the argmax labelling.
     int8_friendly_activations: for "int8", trace hard-swish as MUL/ADD/MUL and a ReLU after a concatenation on
         its parts, which XNNPACK runs in int8 (see `export.rewrites`); False keeps the HARD_SWISH and RELU ops.
         Float exports always trace the exact GELU as one rational function XNNPACK runs.
@@ -362,9 +370,11 @@ def to_tflite(
         any (random normal inputs for the rest). The forward's own rewrites (equalization, bias correction, row
         split, custom calibration ranges of several inputs) are not applied to signatures.
     check: how each signature is verified (`export.verify.OutputCheck`), or a dict of them by signature name. By
-        default `ClassificationCheck` (with `atol`, `rtol`, `min_agreement`, `verify_labels`) for one output and
-        `PerOutputCheck` (`atol`, `rtol`) for several. A model or signature returning a dict of arrays exports
-        those as named outputs (ordered by name); the runner and `ExportResult.outputs` return them as a dict.
+        default `ClassificationCheck` (with `atol`, `rtol`, `min_agreement`, `verify_labels`) for one output,
+        `SegmentationCheck` (`atol`, `rtol`, `min_agreement` as the pixel agreement) for a segmentation model's
+        forward, and `PerOutputCheck` (`atol`, `rtol`) for several outputs. A model or signature returning a dict
+        of arrays exports those as named outputs (ordered by name); the runner and `ExportResult.outputs` return
+        them as a dict.
     """
     q = check_quantization(quantization)
     if int8_io and q != "int8":
@@ -403,6 +413,10 @@ def to_tflite(
     cfg = cfg.replace(input_size=hw)
     shape = (batch, *hw, cfg.in_chans)
     forward = functions is None
+    task = cfg.task if forward else None  # signatures are the caller's functions, checked by their outputs
+    left_out = ()
+    if task == seg.TASK:  # the main logits only: the other heads are training aids (export.segmentation)
+        module, variables, left_out = seg.main_output(module, variables)
     if forward:
         functions = {sigs.DEFAULT_KEY: sigs.Signature(parity.model_forward, {sigs.DEFAULT_INPUT: shape})}
     names = {k: sigs.output_names(f.fn, module, variables, f, f"{name}'s forward" if forward else f"signature {k!r}")
@@ -413,7 +427,8 @@ def to_tflite(
     module, variables = reparameterize(module, variables, input_shape=(1, *shape[1:]))
     calib, vdata, sources = sigs.prepare_data(functions, representative_data, verify_data, q, DEFAULT_NUM_VERIFY)
     checks = parity.resolve_checks(check, names, sources, {k: len(next(iter(v.values()))) for k, v in vdata.items()},
-                                   atol=atol, rtol=rtol, min_agreement=min_agreement, labels=verify_labels)
+                                   atol=atol, rtol=rtol, min_agreement=min_agreement, labels=verify_labels,
+                                   task=task)
     first = next(iter(functions))
     images = calib[first][sigs.DEFAULT_INPUT] if forward and calib else None  # the forward's calibration images
 
@@ -456,6 +471,9 @@ def to_tflite(
     traced = {k: (sigs.flat_fn(f.fn, traced_module), f.inputs) for k, f in functions.items()}
     if int8_friendly:  # a ReLU after a concatenation moves onto the parts
         traced = {k: (relu_before_concatenate(fn), inputs) for k, (fn, inputs) in traced.items()}
+    resizes: dict = {}  # filled while tracing
+    if task == seg.TASK:  # ASPP's pooled branch as RESIZE_BILINEAR, not BROADCAST_TO (export.broadcast_resize)
+        traced = {k: (broadcast_as_resize(fn, resizes), inputs) for k, (fn, inputs) in traced.items()}
     if int8_split_top_row is not None:
         apply, acts = row_split.split_apply(traced[first][0], int8_split_top_row, acts)
         traced[first] = (apply, traced[first][1])
@@ -494,7 +512,10 @@ def to_tflite(
                           calibration=_calibration_name(calibration) if q == "int8" else None,
                           bias_correction=corrected, equalization=equalized, int8_keep_float=keep,
                           int8_split_top_row=int8_split_top_row, signatures=file_signatures,
-                          checks={k: (checks[k], verified.reports[k], sources[k]) for k in functions})
+                          checks={k: (checks[k], verified.reports[k], sources[k]) for k in functions},
+                          task=cfg.task if forward else None,
+                          segmentation=seg.sidecar(left_out, resizes.get("resizes", 0), report)
+                          if task == seg.TASK else None)
     if out_path is not None:
         prog.stage("write", f"writing {out_path}")
         import json

@@ -341,6 +341,15 @@ class SegmentationReport:
     check: str = "segmentation"
 
     @property
+    def sqnr_db(self) -> float:
+        return self.logits.sqnr_db
+
+    @property
+    def top1_agreement(self) -> float:
+        """The pixel agreement, under the name the int8 sensitivity ranking and `export.mixed` read."""
+        return self.pixel_agreement
+
+    @property
     def passed(self) -> bool:
         return (self.logits.within_tolerance
                 and (self.min_pixel_agreement is None or self.pixel_agreement >= self.min_pixel_agreement)
