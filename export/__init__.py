@@ -6,6 +6,7 @@
                            out="lite0_int8.tflite")
     print(res.summary())                                   # ops, XNNPACK partitions, parity with JAX
     export.predict_tflite("lite0_int8.tflite", "cat.jpg")  # classify with the sidecar's preprocessing and labels
+    export.segment_tflite("lraspp.tflite", "cat.jpg")      # a segmentation model's class per pixel
     export.benchmark_tflite("lite0_int8.tflite", threads=(1, 2))
 
 Models returning a dict export named outputs; `to_tflite(signatures={...})` puts several functions in one file, and
@@ -21,6 +22,7 @@ from export.metadata import predict_tflite
 from export.ops_report import OpsReport, analyze
 from export.ptq import quantize as quantize_ptq
 from export.runtime import LiteRTRunner
+from export.segment import segment_tflite
 from export.sparsity_tflite import check_tflite_n_m, tflite_kernels
 from export.tflite import QUANTIZATIONS, ExportResult, to_tflite
 from export.verify import ClassificationCheck, OutputCheck, PerOutputCheck, SegmentationCheck, VerifyReport
@@ -28,6 +30,6 @@ from export.verify import ClassificationCheck, OutputCheck, PerOutputCheck, Segm
 __all__ = [
     "ExportError", "ExportParityError", "UnsupportedOpsError", "ExportResult", "OpsReport", "VerifyReport",
     "LiteRTRunner", "QUANTIZATIONS", "analyze", "benchmark_jax", "benchmark_tflite", "check_tflite_n_m",
-    "compare_tflite", "predict_tflite", "quantize_ptq", "tflite_kernels", "to_tflite", "OutputCheck",
+    "compare_tflite", "predict_tflite", "segment_tflite", "quantize_ptq", "tflite_kernels", "to_tflite", "OutputCheck",
     "ClassificationCheck", "PerOutputCheck", "SegmentationCheck",
 ]

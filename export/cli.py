@@ -235,15 +235,38 @@ def _jax_rows(paths, args):
 
 
 def print_predictions(model_path: str, images: list[str], top_k: int = 5, out=None) -> int:
-    """`zoo predict --tflite MODEL IMAGE...`: the same output as `zoo predict`, from an exported model."""
+    """`zoo predict --tflite MODEL IMAGE...`: the same output as `zoo predict`, from an exported model (a segmentation
+    model's: the classes by their share of the pixels, `print_pixel_fractions`)."""
     from pathlib import Path
 
     from export.metadata import predict_tflite, read
 
     out = out or sys.stdout
-    name = read(model_path, check_hash=False)["name"]
+    meta = read(model_path, check_hash=False)
+    if meta.get("task") == "segmentation":
+        return print_pixel_fractions(model_path, images, top_k, out)
+    name = meta["name"]
     for path, top in zip(images, predict_tflite(model_path, list(images), top_k=top_k)):
         print(f"{path}  ({name}, {Path(model_path).name})", file=out)
         for rank, (label, prob) in enumerate(top, 1):
             print(f"  {rank}. {label:<30s} {prob:6.2%}", file=out)
+    return 0
+
+
+def print_pixel_fractions(model_path: str, images: list[str], top_k: int = 5, out=None) -> int:
+    """`zoo predict --tflite SEG.tflite IMAGE...`: per image, the `top_k` classes by their share of the pixels the
+    exported segmentation model labels (its input: the photo resized and cropped as the sidecar says)."""
+    from pathlib import Path
+
+    from export.segment import TFLiteSegmenter
+    from zoo.masks import class_fractions, describe
+
+    out = out or sys.stdout
+    seg = TFLiteSegmenter(model_path)
+    for path in images:
+        mask = seg.masks([path])[0]
+        print(f"{path}  ({seg.name}, {Path(model_path).name}): classes by share of pixels", file=out)
+        for rank, (label, frac) in enumerate(describe(class_fractions(mask, seg.cfg.num_classes), seg.labels,
+                                                      top_k), 1):
+            print(f"  {rank}. {label:<30s} {frac:6.2%}", file=out)
     return 0
