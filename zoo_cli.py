@@ -1,5 +1,5 @@
-"""The `zoo` command line, one module above the four packages: list, info and predict here; train and export add
-their own subcommands.
+"""The `zoo` command line, one module above the four packages: list, info, predict and segment here; train and
+export add their own subcommands.
 
 A package contributes a subcommand by listing `(module, function)` in `_EXTENSIONS`; the function receives the
 argparse sub-parsers and registers its parser with `set_defaults(run=...)`. Modules are imported only when present,
@@ -19,7 +19,7 @@ _EXTENSIONS = (("train.cli", "add_commands"), ("export.cli", "add_commands"), ("
 def _cmd_list(args) -> int:
     import zoo
 
-    for name in zoo.list_models(args.pattern, pretrained=args.pretrained):
+    for name in zoo.list_models(args.pattern, pretrained=args.pretrained, task=args.task):
         print(name)
     return 0
 
@@ -74,12 +74,99 @@ def _cmd_predict(args) -> int:
     if not args.model:
         raise ValueError("zoo predict needs --model NAME[.tag] or --tflite MODEL.tflite")
     import zoo
+    from zoo.registry import get_entry
 
+    if get_entry(args.model).cfg.task == "segmentation":  # classes by their share of the pixels
+        from zoo.masks import class_fractions, describe
+
+        seg = _JaxSegmenter(args.model, progress=not args.quiet)
+        for path in args.images:
+            print(f"{path}  ({seg.name}): classes by share of pixels")
+            mask = seg.masks([path])[0]
+            for rank, (label, frac) in enumerate(describe(class_fractions(mask, seg.cfg.num_classes), seg.labels,
+                                                          args.top_k), 1):
+                print(f"  {rank}. {label:<30s} {frac:6.2%}")
+        return 0
     model = zoo.load(args.model, progress=not args.quiet)
     for path, top in zip(args.images, model.predict(list(args.images), top_k=args.top_k)):
         print(f"{path}  ({model.name})")
         for rank, (label, prob) in enumerate(top, 1):
             print(f"  {rank}. {label:<30s} {prob:6.2%}")
+    return 0
+
+
+class _JaxSegmenter:
+    """A segmentation model in JAX, as `export.segment.TFLiteSegmenter` is a file: `cfg`, `labels`, `masks(x)`."""
+
+    def __init__(self, name: str, weights: str | None = None, input_size=None, progress: bool = True):
+        import zoo
+        from zoo.masks import dataset_labels
+        from zoo.registry import get_entry
+
+        entry = get_entry(name)  # an unknown name: close matches
+        if entry.cfg.task != "segmentation":
+            raise ValueError(f"'{entry.name}' is a {entry.cfg.task} model; segmentation models: "
+                             f"{', '.join(zoo.list_models(task='segmentation'))}")
+        self.model = zoo.load(name, weights=weights, progress=progress)
+        self.name = self.model.name
+        self.cfg = self.model.cfg.replace(input_size=tuple(input_size)) if input_size else self.model.cfg
+        self.labels = self.model.labels or dataset_labels(self.model.pretrained)
+
+    def masks(self, images):
+        """(N, H, W) class indices at `cfg.input_size` of images (paths, PIL images or uint8 arrays)."""
+        import numpy as np
+
+        from zoo.preprocess import preprocess
+
+        return np.asarray(self.model(preprocess(images, self.cfg))["out"]).argmax(-1)
+
+
+def _photo(path: str):
+    """An image file as an RGB uint8 array; a file that is no image is a one-line error."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def _cmd_segment(args) -> int:
+    from pathlib import Path
+
+    from zoo.masks import class_fractions, describe, save, to_photo
+
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
+    if bool(args.model) == bool(args.tflite):
+        raise ValueError("zoo segment needs --model NAME[.tag] or --tflite MODEL.tflite (one of them)")
+    if args.tflite and (args.weights or args.input_size):
+        raise ValueError("--weights and --input-size go with --model; a .tflite file has its own weights and input "
+                         "size")
+    if args.tflite:  # preprocessing and class names come from the file's sidecar
+        from export.segment import TFLiteSegmenter
+
+        seg = TFLiteSegmenter(args.tflite)
+    else:
+        seg = _JaxSegmenter(args.model, args.weights, args.input_size, progress=not args.quiet)
+    out, stems, n = Path(args.out), set(), len(args.images)
+    for i, path in enumerate(args.images, 1):
+        photo = _photo(path)
+        mask = to_photo(seg.masks([photo])[0], (photo.shape[1], photo.shape[0]), seg.cfg)
+        stem, k = Path(path).stem, 1
+        while stem in stems:  # two images of one name from different folders
+            k += 1
+            stem = f"{Path(path).stem}_{k}"
+        stems.add(stem)
+        overlay_path, mask_path = save(photo, mask, out, stem, seg.labels, alpha=args.alpha)
+        if not args.quiet:
+            top = describe(class_fractions(mask, seg.cfg.num_classes), seg.labels, 3)
+            print(f"[{i}/{n}] {path} -> {overlay_path.name}, {mask_path.name}: "
+                  + ", ".join(f"{label} {frac:.1%}" for label, frac in top), flush=True)
+    print(f"wrote {n} overlay(s) and class mask(s) to {out} ({seg.name})")
     return 0
 
 
@@ -90,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list registered models")
     p.add_argument("pattern", nargs="?", help="shell-style pattern, e.g. 'mobilenetv3*'")
     p.add_argument("--pretrained", action="store_true", help="list name.tag for every pretrained tag")
+    p.add_argument("--task", choices=("classification", "segmentation", "detection"),
+                   help="only the models of this task")
     p.set_defaults(run=_cmd_list)
 
     p = sub.add_parser("info", help="parameters, MACs, resolution, tags and source accuracy of a model")
@@ -97,13 +186,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd_info)
 
-    p = sub.add_parser("predict", help="top-k ImageNet classes of images")
+    p = sub.add_parser("predict", help="top-k classes of images (of a segmentation model: by share of the pixels)")
     p.add_argument("--model", help="NAME[.tag], e.g. tf_efficientnet_lite0 (offline weights)")
     p.add_argument("--tflite", metavar="MODEL.tflite", help="an exported model (see `zoo export`)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--quiet", action="store_true", help="no download progress bar")
     p.add_argument("images", nargs="+")
     p.set_defaults(run=_cmd_predict)
+
+    p = sub.add_parser("segment", help="per-pixel classes of images: colour overlays and class masks (PNG)",
+                       description="Segment images with a segmentation model (JAX) or an exported one (.tflite): "
+                                   "OUT/<image>_overlay.png (the photo tinted by class) and OUT/<image>_mask.png "
+                                   "(class indices as a palette PNG; 255 outside the center crop the model saw).")
+    p.add_argument("--model", help="NAME[.tag] of a segmentation model, e.g. lraspp_mobilenet_v3_large")
+    p.add_argument("--weights", metavar="FILE", help="with --model: a local checkpoint (.pth/.safetensors)")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="with --model: the size images are resized and cropped to (default: the model's)")
+    p.add_argument("--tflite", metavar="MODEL.tflite", help="an exported segmentation model (see `zoo export`)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the overlays and masks")
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours (default 0.5)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("images", nargs="+")
+    p.set_defaults(run=_cmd_segment)
 
     for module_name, fn in _EXTENSIONS:
         try:
