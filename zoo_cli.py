@@ -96,7 +96,8 @@ def _cmd_predict(args) -> int:
 
 
 class _JaxSegmenter:
-    """A segmentation model in JAX, as `export.segment.TFLiteSegmenter` is a file: `cfg`, `labels`, `masks(x)`."""
+    """A segmentation model in JAX, as `export.segment.TFLiteSegmenter` is a file: `name`, `cfg`, `labels`,
+    `masks(images)`."""
 
     def __init__(self, name: str, weights: str | None = None, input_size=None, progress: bool = True):
         import zoo
@@ -143,6 +144,8 @@ def _cmd_segment(args) -> int:
         raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
     if bool(args.model) == bool(args.tflite):
         raise ValueError("zoo segment needs --model NAME[.tag] or --tflite MODEL.tflite (one of them)")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"--alpha is an opacity between 0 and 1, got {args.alpha}")
     if args.tflite and (args.weights or args.input_size):
         raise ValueError("--weights and --input-size go with --model; a .tflite file has its own weights and input "
                          "size")

@@ -271,6 +271,7 @@ def test_zoo_segment_refuses_bad_input(photo_files, tmp_path, capsys):
                                                      "models: deeplabv3_mobilenet_v3_large, "),
              (["--model", LRASPP, str(tmp_path / "missing.jpg")], "no such image file: "),
              ([image], "needs --model NAME[.tag] or --tflite"),
+             (["--model", LRASPP, "--alpha", "1.5", image], "--alpha is an opacity between 0 and 1"),
              (["--tflite", "x.tflite", "--input-size", "64", "64", image], "--input-size go with --model")]
     # a classifier's file, by its sidecar (read before the file is run)
     fake = tmp_path / "classifier.tflite"
