@@ -20,7 +20,7 @@ import numpy as np
 
 from zoo.layers.boxes import clip_boxes
 from zoo.layers.distances import decode_distances, distribution_integral
-from zoo.layers.nms import greedy_nms_mask
+from zoo.models.detection_postprocess import select_per_class
 
 
 @dataclass(frozen=True)
@@ -48,25 +48,6 @@ def detections(outputs, points: np.ndarray, strides: np.ndarray, image_size: tup
     int32 (0..C-1: no background class) and `valid` (N, D) bool; rows past the detections found are zeros and not
     valid (the format of `zoo.models.detection_postprocess.detections`)."""
     logits = outputs["cls_logits"]
-    n, a, c = logits.shape
     boxes = clip_boxes(decode(outputs["box_regression"].astype(jnp.float32), points, strides), image_size)
     scores = jax.nn.sigmoid(logits.astype(jnp.float32))
-    k = min(settings.candidates_per_class, a)
-    top_scores, top_locations = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), k)  # (N, C, k), best first
-    candidates = boxes[jnp.arange(n)[:, None, None], top_locations]  # (N, C, k, 4)
-    keep = greedy_nms_mask(candidates, top_scores > settings.score_threshold, settings.iou_threshold)
-    ranked = jnp.where(keep, top_scores, -jnp.inf).reshape(n, -1)
-    count = min(settings.max_detections, ranked.shape[1])
-    best, picked = jax.lax.top_k(ranked, count)
-    valid = best > -jnp.inf
-    rows = jnp.arange(n)[:, None]
-    out = {
-        "boxes": jnp.where(valid[..., None], candidates.reshape(n, -1, 4)[rows, picked], 0.0),
-        "scores": jnp.where(valid, best, 0.0),
-        "labels": jnp.where(valid, picked // k, 0).astype(jnp.int32),
-        "valid": valid,
-    }
-    if count < settings.max_detections:
-        out = {key: jnp.pad(v, [(0, 0), (0, settings.max_detections - count)] + [(0, 0)] * (v.ndim - 2))
-               for key, v in out.items()}
-    return out
+    return select_per_class(boxes, scores, settings)

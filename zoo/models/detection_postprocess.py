@@ -43,9 +43,17 @@ def detections(outputs, anchors: np.ndarray, image_size: tuple[int, int],
                          f"({a}, 4); got {codes.shape} and {anchors.shape}")
     boxes = clip_boxes(decode_boxes(codes.astype(jnp.float32), anchors, settings.box_weights), image_size)
     scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1:]  # the background is no detection
+    return select_per_class(boxes, scores, settings, first_label=1)
+
+
+def select_per_class(boxes, scores, settings, first_label: int = 0) -> dict:
+    """Boxes (N, A, 4) and per-class scores (N, A, C) -> the detection rows (see `detections`): per class the
+    `candidates_per_class` best above `score_threshold`, greedy NMS at `iou_threshold` within the class, then the
+    `max_detections` best over all classes, labels counted from `first_label`, padded to a static count."""
+    n, a, _ = scores.shape
     k = min(settings.candidates_per_class, a)
-    top_scores, top_anchors = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), k)  # (N, C-1, k), best first
-    candidates = boxes[jnp.arange(n)[:, None, None], top_anchors]  # (N, C-1, k, 4)
+    top_scores, top_anchors = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), k)  # (N, C, k), best first
+    candidates = boxes[jnp.arange(n)[:, None, None], top_anchors]  # (N, C, k, 4)
     keep = greedy_nms_mask(candidates, top_scores > settings.score_threshold, settings.iou_threshold)
     ranked = jnp.where(keep, top_scores, -jnp.inf).reshape(n, -1)
     count = min(settings.max_detections, ranked.shape[1])
@@ -55,7 +63,7 @@ def detections(outputs, anchors: np.ndarray, image_size: tuple[int, int],
     out = {
         "boxes": jnp.where(valid[..., None], candidates.reshape(n, -1, 4)[rows, picked], 0.0),
         "scores": jnp.where(valid, best, 0.0),
-        "labels": jnp.where(valid, picked // k + 1, 0).astype(jnp.int32),
+        "labels": jnp.where(valid, picked // k + first_label, 0).astype(jnp.int32),
         "valid": valid,
     }
     if count < settings.max_detections:
