@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from train.config import ConfigError, TrainConfig
+from train.tasks import SegmentationConfig
 
 PRESETS: dict[str, Callable[[], TrainConfig]] = {}
 
@@ -57,6 +58,33 @@ def mnist5k_lite0() -> TrainConfig:
     # Early layers keep their ImageNet filters: their gradients are the costliest part of the step on CPU (large
     # maps, depthwise kernels) and edges/strokes need no re-learning.
     cfg.optim.freeze = r"^(stem|stages_[0-2])/"
+    return cfg
+
+
+@preset
+def digit_canvases_lraspp() -> TrainConfig:
+    """Semantic segmentation: LR-ASPP on MobileNetV3-Large from random weights on 64x64 digit canvases (10 digit
+    classes and background), every layer trained.
+
+    Command:  python -m train.datasets.digit_canvases CANVASES     (2,000 train / 500 val canvases in VOC's layout)
+              zoo train --config digit_canvases_lraspp --data folder:CANVASES --workdir runs/canvases
+    Hardware: 2 CPU cores (AMD EPYC, AVX2, no AVX-512), no accelerator, shared with other jobs.
+    Time:     measured 8.3 min: 1,000 steps of 32 canvases at 65-90 images/s, plus ~1 min to initialize and compile the
+              step; writing the canvases took 13-30 s.
+    Result:   measured mIoU 0.492 and pixel accuracy 95.9% on the 500 validation canvases (per-class IoU 0.35-0.56
+              for the digits, 0.96 for the background; mIoU 0.135 / 0.402 / 0.493 at steps 250 / 500 / 750).
+              Predicting background everywhere gives mIoU 0.085 and pixel accuracy 93.7% there.
+    """
+    cfg = TrainConfig(workdir="runs/digit_canvases_lraspp", steps=1000, eval_every=250, log_every=50)
+    cfg.model.name, cfg.model.pretrained = "lraspp_mobilenet_v3_large", False
+    # torchvision's reference jitters the scale 0.5-2.0 around a 520 base; digits already vary in size on the canvases
+    cfg.task = SegmentationConfig(scale_range=(0.75, 1.25))
+    cfg.data.eval_split = "val"
+    cfg.data.image_size = 64
+    cfg.data.batch_size = 32
+    cfg.data.hflip = False  # digits are not mirror-symmetric
+    cfg.optim.optimizer, cfg.optim.schedule = "adamw", "onecycle"
+    cfg.optim.lr, cfg.optim.weight_decay = 3e-3, 1e-4
     return cfg
 
 
