@@ -42,7 +42,8 @@ def _cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{info['name']}  ({info['family']}; {info['paper']}; twin {info['twin'] or '-'})")
+    task = "" if info["task"] == "classification" else f"{info['task']}; "
+    print(f"{info['name']}  ({task}{info['family']}; {info['paper']}; twin {info['twin'] or '-'})")
     print(f"  params      {info['params']:,} ({_fmt_count(info['params'])}) train form")
     if info["params_deploy"] is not None:
         print(f"              {info['params_deploy']:,} ({_fmt_count(info['params_deploy'])}) deploy form "

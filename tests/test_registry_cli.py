@@ -56,6 +56,10 @@ def test_cli_list_and_info(capsys):
     assert cli.main(["info", "mobilevit_xxs"]) == 0
     out = capsys.readouterr().out
     assert "1,272,024" in out and "top-1 68.94" in out and "256x256" in out
+    assert out.startswith("mobilevit_xxs  (mobilevit;")  # a classifier's task goes unsaid
+    assert cli.main(["info", "ssdlite320_mobilenet_v3_large"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ssdlite320_mobilenet_v3_large  (detection; ssdlite;") and "3,440,060" in out
 
 
 @pytest.mark.parametrize("family", sorted(families()))

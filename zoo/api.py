@@ -196,6 +196,7 @@ def model_info(name: str, input_size: tuple[int, int] | None = None) -> dict:
     return {
         "name": entry.name,
         "family": cfg.family,
+        "task": cfg.task,
         "params": count_params(variables["params"]),
         "macs": count_macs(module, variables, shape),
         "input_size": cfg.input_size,
