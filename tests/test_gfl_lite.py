@@ -24,7 +24,7 @@ from zoo.layers.conv import Conv2d, depthwise_impl
 from zoo.layers.norm import batch_norm
 from zoo.layers.pan import upsample_nearest_2x
 from zoo.models import gfl_lite
-from zoo.models.detection_backbone import maps_by_stride, with_backbone_weights
+from zoo.models.detection_backbone import maps_at, with_backbone_weights
 from zoo.registry import get_entry
 from zoo.weights.errors import WeightsMismatchError
 
@@ -60,7 +60,7 @@ def test_preset_counts_maps_and_backbone_names(name):
     assert cfg.task == "detection" and cfg.num_classes == 80 and cfg.input_size == HW and not cfg.twin
     assert cfg.feature_info == get_entry(backbone).cfg.feature_info
     module = zoo.create_model(name)
-    assert module.heads[0][1].taps == taps == maps_by_stride(cfg.feature_info, gfl_lite.STRIDES)
+    assert module.heads[0][1].taps == taps == maps_at(cfg.feature_info, gfl_lite.STRIDES)
     variables = abstract_variables(module, (1, *HW, 3))
     assert count_params(variables["params"]) == params
     traced = inference_trace(name, (1, *HW, 3))
@@ -213,8 +213,8 @@ def test_backbone_takes_the_classifier_imagenet_weights_by_name():
         with_backbone_weights(variables, damaged, heads=(gfl_lite.HEAD,))
 
 
-def test_maps_by_stride_names_what_is_missing():
+def test_maps_at_names_what_is_missing():
     info = get_entry("mobilenetv2_100").cfg.feature_info
-    assert maps_by_stride(info, (4, 32)) == ("stages_1", "stages_6")
+    assert maps_at(info, (4, 32)) == ("stages_1", "stages_6")
     with pytest.raises(ValueError, match="stride 64"):
-        maps_by_stride(info, (8, 64))
+        maps_at(info, (8, 64))

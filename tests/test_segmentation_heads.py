@@ -17,7 +17,7 @@ from zoo.convert import flatten_variables
 from zoo.layers import kinds
 from zoo.layers.conv import depthwise_impl
 from zoo.models import deeplabv3plus, segformer_head
-from zoo.models.segmentation_backbone import maps_at
+from zoo.models.detection_backbone import maps_at
 from zoo.registry import get_entry
 
 from quick_compile import quick_compile

@@ -18,7 +18,8 @@ from typing import Any
 from zoo.config import ModelCfg
 from zoo.layers.deeplabv3plus import DeepLabV3PlusHead, atrous_rates
 from zoo.models import mobilenetv2, mobilenetv3  # noqa: F401  (register the backbones before the presets read them)
-from zoo.models.segmentation_backbone import BackboneSegmentationModel, maps_at, preprocessing, segmentation_trunk
+from zoo.models.detection_backbone import maps_at
+from zoo.models.segmentation_backbone import BackboneSegmentationModel, preprocessing, segmentation_trunk
 from zoo.registry import register_model
 
 HEAD = "out"

@@ -35,15 +35,17 @@ def detection_trunk(name: str, **overrides) -> tuple[nn.Module, tuple[str, ...]]
     return module, ()
 
 
-def maps_by_stride(feature_info: Sequence[FeatureInfo], strides: Sequence[int]) -> tuple[str, ...]:
-    """The names of the backbone maps at `strides` (one map per stride, or an error naming the candidates)."""
+def maps_at(feature_info: Sequence[FeatureInfo], strides: Sequence[int], backbone: str = "the backbone"
+            ) -> tuple[str, ...]:
+    """The names of the backbone maps at `strides`: the deepest (last in `feature_info`) where a dilated backbone has
+    several at one stride; an error naming the maps there are when a stride has none."""
     names = []
     for s in strides:
         found = [f.name for f in feature_info if f.stride == s]
-        if len(found) != 1:
+        if not found:
             have = ", ".join(f"{f.name} (stride {f.stride})" for f in feature_info)
-            raise ValueError(f"need exactly one map at stride {s}, found {found or 'none'} among {have}")
-        names += found
+            raise ValueError(f"{backbone} has no map at stride {s} (needs strides {tuple(strides)}); it has {have}")
+        names.append(found[-1])
     return tuple(names)
 
 

@@ -39,7 +39,7 @@ from zoo.models import anchor_free_postprocess
 from zoo.models import efficientnet, mobilenetv2, mobilenetv3, mobilevit  # noqa: F401
 from zoo.models.anchor_free_postprocess import AnchorFreeSettings
 from zoo.models.backbone import layer_factories
-from zoo.models.detection_backbone import DetectionModel, detection_trunk, maps_by_stride
+from zoo.models.detection_backbone import DetectionModel, detection_trunk, maps_at
 from zoo.registry import get_entry, register_model
 
 STRIDES = (8, 16, 32)
@@ -102,7 +102,7 @@ def _build(backbone: str, act: str, num_classes: int = 80, in_chans: int = 3, wi
            reg_max: int = REG_MAX, dtype: Any = None, conv: Any = None, norm: Any = None) -> DetectionModel:
     """`conv`/`norm`/`dtype`: for the backbone and the neck and head alike (None: each one's defaults)."""
     trunk, skip = detection_trunk(backbone, in_chans=in_chans, dtype=dtype, conv=conv, norm=norm)
-    head = GFLLiteHead(num_classes, maps_by_stride(get_entry(backbone).cfg.feature_info, STRIDES), width, reg_max,
+    head = GFLLiteHead(num_classes, maps_at(get_entry(backbone).cfg.feature_info, STRIDES, backbone), width, reg_max,
                        act=act, dtype=dtype, conv=conv, norm=norm)
     return DetectionModel(trunk, ((HEAD, head),), single=True, skip=skip)
 

@@ -19,7 +19,8 @@ from typing import Any
 from zoo.config import ModelCfg
 from zoo.layers.mlp_decoder import MLPDecoderHead
 from zoo.models import efficientvit_mit, mobilevit  # noqa: F401  (register the backbones before the presets read them)
-from zoo.models.segmentation_backbone import BackboneSegmentationModel, maps_at, preprocessing, segmentation_trunk
+from zoo.models.detection_backbone import maps_at
+from zoo.models.segmentation_backbone import BackboneSegmentationModel, preprocessing, segmentation_trunk
 from zoo.registry import register_model
 
 HEAD = "out"

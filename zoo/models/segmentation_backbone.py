@@ -1,14 +1,13 @@
 """Registered classifiers as segmentation backbones: the trunk without the layers only the classifier reads
 (`zoo.models.detection_backbone`, and EfficientViT's pre-logits head), dilated where the family allows
-(`output_stride`), the maps a head reads picked from its `feature_info` by stride, logits resized to the input.
+(`output_stride`), logits resized to the input; the maps a head reads are picked by stride
+(`zoo.models.detection_backbone.maps_at`).
 
 The backbone keeps its classifier's parameter names (`stem/...`, `stages_N/...`): ImageNet weights of the classifier
 go into it by name (`zoo.models.detection_backbone.with_backbone_weights`).
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import flax.linen as nn
 
@@ -54,20 +53,6 @@ def segmentation_trunk(name: str, output_stride: int = 32, **overrides
     else:
         info = get_entry(name).cfg.feature_info
     return trunk, skip, info
-
-
-def maps_at(feature_info: Sequence[FeatureInfo], strides: Sequence[int], backbone: str = "the backbone"
-            ) -> tuple[str, ...]:
-    """The names of the maps at `strides`, the deepest (last in `feature_info`) where a dilated backbone has several
-    at one stride; an error naming the maps there are when a stride has none."""
-    names = []
-    for s in strides:
-        found = [f.name for f in feature_info if f.stride == s]
-        if not found:
-            have = ", ".join(f"{f.name} (stride {f.stride})" for f in feature_info)
-            raise ValueError(f"{backbone} has no map at stride {s} (needs strides {tuple(strides)}); it has {have}")
-        names.append(found[-1])
-    return tuple(names)
 
 
 def preprocessing(backbone: str) -> dict:

@@ -18,7 +18,7 @@ from typing import Any
 
 from zoo.config import ModelCfg
 from zoo.models import efficientnet, mobilenetv2  # noqa: F401  (register the backbones read below)
-from zoo.models.detection_backbone import DetectionModel, detection_trunk, maps_by_stride
+from zoo.models.detection_backbone import DetectionModel, detection_trunk, maps_at
 from zoo.models.ssdlite import ASPECT_RATIOS, NORM, SSDLiteHead
 from zoo.models.ssdlite import postprocess  # noqa: F401  (the same default boxes: the presets' post-processing)
 from zoo.registry import get_entry, register_model
@@ -32,7 +32,7 @@ def _build(backbone: str, num_classes: int = 91, in_chans: int = 3, dtype: Any =
     """`conv`/`norm`/`dtype`: for the backbone and the head alike (None: each one's defaults, torchvision's
     BatchNorm of eps 1e-3 and momentum 0.03 in the head)."""
     trunk, skip = detection_trunk(backbone, in_chans=in_chans, dtype=dtype, conv=conv, norm=norm)
-    head = SSDLiteHead(num_classes, taps=maps_by_stride(get_entry(backbone).cfg.feature_info, STRIDES), dtype=dtype,
+    head = SSDLiteHead(num_classes, taps=maps_at(get_entry(backbone).cfg.feature_info, STRIDES, backbone), dtype=dtype,
                        conv=conv, norm=norm or NORM)
     return DetectionModel(trunk, ((HEAD, head),), single=True, skip=skip)
 
