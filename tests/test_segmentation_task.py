@@ -194,6 +194,9 @@ def test_a_segmenter_trains_through_fit_and_keeps_the_best_miou(tmp_path):
         ckpt.close()
     assert recorded["metric"] == "miou" and recorded["value"] == max(r["miou"] for r in evals)
     assert result.metrics["miou"] > 0.3  # three classes from the tint: chance is far lower
+    # evaluating a segmenter without naming a task takes the model's own (mIoU, not top-1)
+    again = train.evaluate(result.model, (images[64:], masks[64:]), batch_size=16)
+    assert {"miou", "pixel_accuracy"} <= set(again) and "accuracy" not in again
 
 
 def test_lraspp_learns_the_digit_canvases(tmp_path, mnist5k):

@@ -37,7 +37,7 @@ from train.sources import as_source, has_split, open_source
 from train.sources import open_data as _open_sources
 from train.tasks import Task
 from train.tasks import build_task as _build_task
-from train.tasks import task_config_class
+from train.tasks import task_config_class, task_kinds
 from train.transforms import Transform
 from zoo.config import ModelCfg
 from zoo.layers.conv import depthwise_impl
@@ -529,6 +529,12 @@ def evaluate(model: zoo.Model, data, *, split: str = "test", batch_size: int = 6
     cfg = TrainConfig()
     cfg.data.gray_to_rgb, cfg.data.eval_crop_pct = gray_to_rgb, crop_pct
     mcfg = model.cfg.replace(input_size=(image_size, image_size)) if image_size else model.cfg
+    if task is None and mcfg.task != cfg.task.kind:  # the model's own task (a segmenter's mIoU, not top-1)
+        try:
+            cfg.task = task_config_class(mcfg.task)()
+        except ValueError:
+            raise ConfigError(f"{mcfg.name} is a {mcfg.task} model; no training task of that kind is registered "
+                              f"(registered: {', '.join(task_kinds())})") from None
     task = task or task_of(cfg, mcfg.num_classes)
     task.validate(source, mcfg, gray_to_rgb=gray_to_rgb, what="evaluation")
     _, eval_tf = task.transforms(cfg.data, mcfg)
