@@ -8,15 +8,14 @@ conv-BN-ReLU (then dropout in training). The head follows it with a 3x3 conv-BN-
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from zoo.layers.blocks import ConvNormAct
-from zoo.layers.conv import Conv2d
-from zoo.layers.norm import BN_EPS_TORCH, batch_norm
+from zoo.layers.factories import layer_factories
+from zoo.layers.norm import BN_EPS_TORCH
 
 
 class ASPP(nn.Module):
@@ -60,8 +59,7 @@ class DeepLabHead(nn.Module):
 
     @nn.compact
     def __call__(self, feats: Mapping[str, Any], train: bool = False):
-        conv = partial(self.conv or Conv2d, dtype=self.dtype)
-        norm = partial(self.norm or batch_norm(self.bn_eps), dtype=self.dtype)
+        conv, norm, _ = layer_factories(self.conv, self.norm, None, bn_eps=self.bn_eps, dtype=self.dtype)
         x = ASPP(self.rates, conv, norm, self.chs, name="aspp")(feats[self.key], train)
         x = ConvNormAct(self.chs, conv, norm, kernel=3, name="cbr")(x, train)
         return conv(self.num_classes, 1, use_bias=True, name="classifier")(x)

@@ -14,7 +14,6 @@ stride-4 map of the backbone.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -22,8 +21,8 @@ import jax.numpy as jnp
 
 from zoo.layers.aspp import ASPP
 from zoo.layers.blocks import ConvNormAct, DepthwiseSeparable
-from zoo.layers.conv import Conv2d
-from zoo.layers.norm import BN_EPS_TORCH, batch_norm
+from zoo.layers.factories import layer_factories
+from zoo.layers.norm import BN_EPS_TORCH
 from zoo.layers.resize import resize_bilinear
 
 # the paper's atrous rates at output stride 16 (Sec. 4.1: (6, 12, 18)); scaled by 16 / output_stride elsewhere
@@ -55,8 +54,7 @@ class DeepLabV3PlusHead(nn.Module):
 
     @nn.compact
     def __call__(self, feats: Mapping[str, Any], train: bool = False):
-        conv = partial(self.conv or Conv2d, dtype=self.dtype)
-        norm = partial(self.norm or batch_norm(self.bn_eps), dtype=self.dtype)
+        conv, norm, _ = layer_factories(self.conv, self.norm, None, bn_eps=self.bn_eps, dtype=self.dtype)
         low = feats[self.low]
         x = ASPP(tuple(self.rates), conv, norm, self.chs, self.drop_rate, name="aspp")(feats[self.high], train)
         x = resize_bilinear(x, low.shape[1:3])

@@ -6,14 +6,13 @@ A 3x3 conv-BN-ReLU to a quarter of the input width (`cbr`), dropout in training,
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Mapping
 
 import flax.linen as nn
 
 from zoo.layers.blocks import ConvNormAct
-from zoo.layers.conv import Conv2d
-from zoo.layers.norm import BN_EPS_TORCH, batch_norm
+from zoo.layers.factories import layer_factories
+from zoo.layers.norm import BN_EPS_TORCH
 
 
 class FCNHead(nn.Module):
@@ -29,8 +28,7 @@ class FCNHead(nn.Module):
 
     @nn.compact
     def __call__(self, feats: Mapping[str, Any], train: bool = False):
-        conv = partial(self.conv or Conv2d, dtype=self.dtype)
-        norm = partial(self.norm or batch_norm(self.bn_eps), dtype=self.dtype)
+        conv, norm, _ = layer_factories(self.conv, self.norm, None, bn_eps=self.bn_eps, dtype=self.dtype)
         x = feats[self.key]
         x = ConvNormAct(x.shape[-1] // 4, conv, norm, kernel=3, name="cbr")(x, train)
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)

@@ -10,7 +10,6 @@ are torchvision's (`cbr`, `scale`, `low_classifier`, `high_classifier`).
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -18,8 +17,8 @@ import jax.numpy as jnp
 
 from zoo.layers.activations import get_act
 from zoo.layers.blocks import ConvNormAct
-from zoo.layers.conv import Conv2d
-from zoo.layers.norm import BN_EPS_TORCH, batch_norm
+from zoo.layers.factories import layer_factories
+from zoo.layers.norm import BN_EPS_TORCH
 from zoo.layers.resize import resize_bilinear
 
 
@@ -38,8 +37,7 @@ class LRASPPHead(nn.Module):
 
     @nn.compact
     def __call__(self, feats: Mapping[str, Any], train: bool = False):
-        conv = partial(self.conv or Conv2d, dtype=self.dtype)
-        norm = partial(self.norm or batch_norm(self.bn_eps), dtype=self.dtype)
+        conv, norm, _ = layer_factories(self.conv, self.norm, None, bn_eps=self.bn_eps, dtype=self.dtype)
         low, high = feats[self.low], feats[self.high]
         x = ConvNormAct(self.inter_chs, conv, norm, act="relu", name="cbr")(high, train)
         gate = conv(self.inter_chs, 1, name="scale")(jnp.mean(high, axis=(1, 2), keepdims=True))

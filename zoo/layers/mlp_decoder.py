@@ -9,15 +9,14 @@ training and a 1x1 class conv (`linear_pred`).
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from zoo.layers.blocks import ConvNormAct
-from zoo.layers.conv import Conv2d
-from zoo.layers.norm import BN_EPS_TORCH, batch_norm
+from zoo.layers.factories import layer_factories
+from zoo.layers.norm import BN_EPS_TORCH
 from zoo.layers.resize import resize_bilinear
 
 
@@ -36,8 +35,7 @@ class MLPDecoderHead(nn.Module):
 
     @nn.compact
     def __call__(self, feats: Mapping[str, Any], train: bool = False):
-        conv = partial(self.conv or Conv2d, dtype=self.dtype)
-        norm = partial(self.norm or batch_norm(self.bn_eps), dtype=self.dtype)
+        conv, norm, _ = layer_factories(self.conv, self.norm, None, bn_eps=self.bn_eps, dtype=self.dtype)
         size = feats[self.keys[0]].shape[1:3]
         maps = [resize_bilinear(conv(self.width, 1, use_bias=True, name=f"linear_c{i + 1}")(feats[k]), size)
                 for i, k in enumerate(self.keys)]

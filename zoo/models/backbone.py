@@ -10,14 +10,10 @@ quantized, sparse or slimmable layers substitute without forking a model (`layer
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Callable, Sequence
-
-import flax.linen as nn
+from typing import Sequence
 
 from zoo.config import FeatureInfo
-from zoo.layers.conv import Conv2d
-from zoo.layers.norm import batch_norm
+from zoo.layers.factories import layer_factories  # noqa: F401  (families import it from here)
 
 PRE_LOGITS = "pre_logits"
 
@@ -44,14 +40,3 @@ def stage_feature_info(stem_chs: int, strides: Sequence[int], channels: Sequence
         if i + 1 == len(strides) or strides[i + 1] > 1:
             infos.append(FeatureInfo(f"stages_{i}", stride, c))
     return tuple(infos)
-
-
-def layer_factories(conv: Callable | None, norm: Callable | None, dense: Callable | None, *, bn_eps: float,
-                    dtype: Any = None, **conv_options) -> tuple[Callable, Callable, Callable]:
-    """(conv, norm, dense) a family builds with: the injected factories or the defaults (`Conv2d`, BatchNorm with
-    PyTorch's conventions and `bn_eps`, `nn.Dense`), each with the compute dtype bound, the conv also with
-    `conv_options` (e.g. padding). An injected factory takes the default's arguments: `Conv2d`'s (features,
-    kernel_size, stride=, groups=, use_bias=, padding=, dtype=), `nn.BatchNorm`'s (use_running_average=, dtype=),
-    `nn.Dense`'s (features, use_bias=, dtype=)."""
-    return (partial(conv or Conv2d, dtype=dtype, **conv_options), partial(norm or batch_norm(bn_eps), dtype=dtype),
-            partial(dense or nn.Dense, dtype=dtype))
