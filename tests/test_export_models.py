@@ -101,6 +101,7 @@ from zoo.preprocess import preprocess
 from zoo.registry import get_entry
 
 from architectures import distinct_architectures, families, op_signature, smallest
+from photo_crops import PHOTOS, photo_crops
 from quick_compile import ENV as QUICK_COMPILE_ENV
 from quick_compile import quick_compile
 
@@ -109,7 +110,6 @@ pytestmark = pytest.mark.slow
 ALL = zoo.list_models(task="classification")
 FAMILY_NAMES = families()
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 
 # ---------------------------------------------------------------------------------------------------------------- fp32
@@ -211,20 +211,9 @@ def _check_fp32(name: str, rec: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------- quantized
 def _crops(photos, seed: int | tuple[int, ...], per_photo: int, lo: float = 0.5):
     if isinstance(seed, tuple):  # one set of per_photo crops per seed, concatenated
-        sets = [_crops(photos, s, per_photo, lo) for s in seed]
+        sets = [photo_crops(photos, s, per_photo, lo) for s in seed]
         return [c for cs, _ in sets for c in cs], np.concatenate([y for _, y in sets])
-    rng = np.random.default_rng(seed)
-    out, labels = [], []
-    for k, name in enumerate(PHOTOS):
-        img = photos[name]
-        h, w = img.shape[:2]
-        for _ in range(per_photo):
-            s = int(rng.uniform(lo, 1.0) * min(h, w))
-            y0, x0 = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
-            crop = img[y0:y0 + s, x0:x0 + s]
-            out.append(np.ascontiguousarray(crop[:, ::-1] if rng.random() < 0.5 else crop))
-            labels.append(k)
-    return out, np.asarray(labels)
+    return photo_crops(photos, seed, per_photo, lo)
 
 
 def _classifier_inputs(module, variables, x) -> dict:

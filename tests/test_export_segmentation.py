@@ -59,11 +59,11 @@ from zoo.layers.conv import depthwise_impl
 from zoo.preprocess import preprocess
 from zoo.registry import get_entry
 
+from photo_crops import photo_crops
 from quick_compile import quick_compile
 
 LRASPP, DEEPLAB = "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"
 HW = (96, 128)
-PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 # full int8 of the random-weight LR-ASPP on the 32 verification crops: (pixel agreement, mIoU, SQNR dB) floors
 INT8_BARS = (0.70, 0.52, 9.0)
 
@@ -77,17 +77,7 @@ def _jax_side():
 
 
 def _crops(photos, seed: int, per_photo: int, lo: float = 0.5) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for name in PHOTOS:
-        img = photos[name]
-        h, w = img.shape[:2]
-        for _ in range(per_photo):
-            s = int(rng.uniform(lo, 1.0) * min(h, w))
-            y0, x0 = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
-            crop = img[y0:y0 + s, x0:x0 + s]
-            out.append(np.ascontiguousarray(crop[:, ::-1] if rng.random() < 0.5 else crop))
-    return out
+    return photo_crops(photos, seed, per_photo, lo)[0]
 
 
 @pytest.fixture(scope="module")
