@@ -323,7 +323,7 @@ def test_cli_trains_and_evaluates_a_zoo_model_in_bfloat16(tmp_path, digits, caps
     args = ["train", "--model", "mobilenetv3_small_050", "--scratch", "--data", f"folder:{root}", "--steps", "2",
             "--image-size", "32", "--batch-size", "8", "--workdir", str(run), "--no-progress",
             "--set", "model.dtype=bfloat16", "--set", "optim.trainable=^head/", "--set", "log_every=1",
-            "--set", 'model.kwargs={"bn_eps": 0.001}']
+            "--set", 'model.kwargs={"bn_eps": 0.001}', "--set", "depthwise_impl=native"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and 0.0 <= summary["accuracy"] <= 1.0

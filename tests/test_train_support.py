@@ -91,6 +91,9 @@ def tiny_config(workdir, steps: int, **changes):
     cfg.data.rrc_scale = (0.5, 1.0)
     cfg.optim.lr = 3e-3
     cfg.optim.ema_decay = 0.9
+    # a few steps on tiny images: compiling is the cost, and one grouped conv compiles ~2x faster than the CPU
+    # default's shifted slices (which run faster on real sizes)
+    cfg.depthwise_impl = "native"
     for k, v in changes.items():
         section, _, name = k.rpartition("__")
         setattr(getattr(cfg, section) if section else cfg, name, v)
