@@ -198,6 +198,31 @@ def test_a_segmenter_trains_through_fit_and_keeps_the_best_miou(tmp_path):
     again = train.evaluate(result.model, (images[64:], masks[64:]), batch_size=16)
     assert {"miou", "pixel_accuracy"} <= set(again) and "accuracy" not in again
 
+    # ... and on a tfds dataset whose masks are a named feature (tfds's mock serving these records): the same
+    # images and masks give the same numbers
+    tfds = pytest.importorskip("tensorflow_datasets")
+    records = [{"image": im, "segmentation_mask": m[..., None], "label": 0, "species": 0, "file_name": "x"}
+               for im, m in zip(images[64:], masks[64:])]
+    with tfds.testing.mock_data(as_data_source_fn=lambda *a, **k: records):
+        served = train.evaluate(result.model, "tfds:oxford_iiit_pet", split="test", batch_size=16,
+                                mask_key="segmentation_mask")
+        with pytest.raises(train.DataError, match=r"no feature 'mask'; features: .*segmentation_mask"):
+            train.evaluate(result.model, "tfds:oxford_iiit_pet", split="test", mask_key="mask")
+    assert served["miou"] == pytest.approx(again["miou"], abs=1e-6)
+
+
+def test_zoo_eval_reads_tfds_features_from_its_flags_else_the_run():
+    import argparse
+
+    from train.cli import _source_keys
+
+    flags = argparse.Namespace(data_dir=None, image_key=None, label_key=None, mask_key="segmentation_mask")
+    run = train.DataConfig(image_key="photo", mask_key="trimap", data_dir="/data")
+    assert _source_keys(flags, run) == {"data_dir": "/data", "image_key": "photo", "label_key": "label",
+                                        "mask_key": "segmentation_mask"}
+    assert _source_keys(flags, None) == {"data_dir": None, "image_key": "image", "label_key": "label",
+                                         "mask_key": "segmentation_mask"}
+
 
 def test_lraspp_learns_the_digit_canvases(tmp_path, mnist5k):
     """LR-ASPP from random weights on 64x64 digit canvases read from the VOC layout: ten steps raise its mIoU.

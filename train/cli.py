@@ -56,6 +56,11 @@ def add_commands(sub) -> None:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--crop-pct", type=float, default=None)
     p.add_argument("--gray-to-rgb", action="store_true")
+    p.add_argument("--data-dir", help="tfds data directory (default: the run's, else tfds's own)")
+    p.add_argument("--image-key", help="tfds feature of the images (default: the run's, else 'image')")
+    p.add_argument("--label-key", help="tfds feature of the class ids (default: the run's, else 'label')")
+    p.add_argument("--mask-key", help="tfds feature of per-pixel class ids for a segmenter, e.g. segmentation_mask "
+                                      "(default: the run's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd_eval)
 
@@ -99,6 +104,13 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _source_keys(args, data_cfg) -> dict:
+    """How `zoo eval --data` reads a tfds dataset: the flags, else the run's data config, else the defaults."""
+    keys = {"data_dir": None, "image_key": "image", "label_key": "label", "mask_key": None}
+    return {k: getattr(args, k) or (getattr(data_cfg, k) if data_cfg is not None else None) or default
+            for k, default in keys.items()}
+
+
 def _cmd_eval(args) -> int:
     import zoo
     from train.checkpoint import CheckpointError, Checkpoints
@@ -124,13 +136,14 @@ def _cmd_eval(args) -> int:
             kw = dict(class_names=meta.get("class_names") or None, task=task_of(cfg, model.cfg.num_classes),
                       batch_size=args.batch_size or cfg.data.eval_batch_size or cfg.data.batch_size,
                       image_size=args.image_size, crop_pct=args.crop_pct or cfg.data.eval_crop_pct,
-                      gray_to_rgb=args.gray_to_rgb or cfg.data.gray_to_rgb)
+                      gray_to_rgb=args.gray_to_rgb or cfg.data.gray_to_rgb,
+                      **_source_keys(args, cfg.data))
         else:
             if not args.data:
                 raise ValueError("--model needs --data")
             model, data = zoo.load(args.model), args.data
             kw = dict(batch_size=args.batch_size or 64, image_size=args.image_size, crop_pct=args.crop_pct,
-                      gray_to_rgb=args.gray_to_rgb)
+                      gray_to_rgb=args.gray_to_rgb, **_source_keys(args, None))
         metrics = evaluate(model, data, split=split or "test", **kw)
     except CheckpointError as e:
         print(f"zoo eval: error: {e}", file=sys.stderr)
