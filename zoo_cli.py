@@ -1,4 +1,4 @@
-"""The `zoo` command line, one module above the four packages: list, info, predict and segment here; train and
+"""The `zoo` command line, one module above the four packages: list, info, predict, segment and detect here; train and
 export add their own subcommands.
 
 A package contributes a subcommand by listing `(module, function)` in `_EXTENSIONS`; the function receives the
@@ -68,6 +68,8 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_predict(args) -> int:
+    if args.tflite and _file_task(args.tflite) == "detection":  # boxes, not classes
+        return _print_detections(_detector(None, args.tflite, True), args.images, DEFAULT_SCORE_THRESHOLD)
     if args.tflite:  # an exported model: preprocessing and labels come from its sidecar metadata
         from export.cli import print_predictions
 
@@ -77,6 +79,8 @@ def _cmd_predict(args) -> int:
     import zoo
     from zoo.registry import get_entry
 
+    if get_entry(args.model).cfg.task == "detection":
+        return _print_detections(_detector(args.model, None, args.quiet), args.images, DEFAULT_SCORE_THRESHOLD)
     if get_entry(args.model).cfg.task == "segmentation":  # classes by their share of the pixels
         from zoo.masks import class_fractions, describe
 
@@ -174,6 +178,110 @@ def _cmd_segment(args) -> int:
     return 0
 
 
+DEFAULT_SCORE_THRESHOLD = 0.3  # detections drawn and listed
+
+
+def _file_task(path: str) -> str | None:
+    from export.metadata import read
+
+    return read(path, check_hash=False).get("task")
+
+
+class _JaxDetector:
+    """A detection model in JAX with its family's post-processing, as `export.detect.TFLiteDetector` is a file:
+    `name`, `labels`, `detect(images, score_threshold)`."""
+
+    def __init__(self, name: str, progress: bool = True):
+        import zoo
+        from export.detection import detections
+        from zoo.registry import get_entry
+
+        entry = get_entry(name)  # an unknown name: close matches
+        if entry.cfg.task != "detection":
+            raise ValueError(f"'{entry.name}' is a {entry.cfg.task} model; detection models: "
+                             f"{', '.join(zoo.list_models(task='detection'))}")
+        self.model = zoo.load(name, progress=progress)
+        self.name, self.cfg, self.labels = self.model.name, self.model.cfg, self.model.labels
+        self.module = detections(self.model.module, self.cfg)
+
+    def detect(self, images, score_threshold: float):
+        import numpy as np
+
+        from export.detect import detector_input, load_rgb, to_original
+
+        rgb = [load_rgb(im) for im in images]
+        hw = tuple(self.cfg.input_size)
+        out = self.module.apply(self.model.variables, detector_input(rgb, hw, self.cfg.mean, self.cfg.std))
+        out = {k: np.asarray(v) for k, v in out.items()}
+        return to_original(out, [im.shape[:2] for im in rgb], hw, self.labels, score_threshold)
+
+
+def _detector(model: str | None, tflite: str | None, quiet: bool):
+    if bool(model) == bool(tflite):
+        raise ValueError("zoo detect needs --model NAME[.tag] or --tflite MODEL.tflite (one of them)")
+    if tflite:  # preprocessing and class names come from the file's sidecar
+        from export.detect import TFLiteDetector
+
+        return TFLiteDetector(tflite)
+    return _JaxDetector(model, progress=not quiet)
+
+
+def _print_detections(det, images: list[str], score_threshold: float) -> int:
+    for path, found in zip(images, det.detect([_photo(p) for p in images], score_threshold)):
+        print(f"{path}  ({det.name}): {len(found)} detection(s) with score >= {score_threshold:g}")
+        for d in found:
+            print(f"  {d.name:<20s} {d.score:6.2%}  box " + " ".join(f"{v:.1f}" for v in d.box))
+    return 0
+
+
+def _draw(photo, found):
+    """The photo with each detection's box and "name score" drawn, colours by class."""
+    from PIL import Image, ImageDraw
+
+    from zoo.masks import palette
+
+    img = Image.fromarray(photo)
+    draw, colours = ImageDraw.Draw(img), palette(256)
+    width = max(1, round(min(img.size) / 200))
+    for d in found:
+        colour = tuple(int(c) for c in colours[1 + d.label % 255])
+        draw.rectangle(d.box, outline=colour, width=width)
+        draw.text((d.box[0] + width, d.box[1] + width), f"{d.name} {d.score:.2f}", fill=colour)
+    return img
+
+
+def _cmd_detect(args) -> int:
+    import json
+    from pathlib import Path
+
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
+    if args.tflite and not Path(args.tflite).is_file():
+        raise FileNotFoundError(f"no model file {args.tflite}")
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise ValueError(f"--score-threshold is a score between 0 and 1, got {args.score_threshold}")
+    det = _detector(args.model, args.tflite, args.quiet)
+    out, stems, n = Path(args.out), set(), len(args.images)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(args.images, 1):
+        photo = _photo(path)
+        found = det.detect([photo], args.score_threshold)[0]
+        stem, k = Path(path).stem, 1
+        while stem in stems:  # two images of one name from different folders
+            k += 1
+            stem = f"{Path(path).stem}_{k}"
+        stems.add(stem)
+        _draw(photo, found).save(out / f"{stem}.png")
+        record = {"image": str(path), "model": det.name, "size": [int(photo.shape[0]), int(photo.shape[1])],
+                  "score_threshold": args.score_threshold, "detections": [d.as_dict() for d in found]}
+        (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+        if not args.quiet:
+            print(f"[{i}/{n}] {path} -> {stem}.png, {stem}.json: {len(found)} detection(s)", flush=True)
+    print(f"wrote {n} image(s) with boxes and their detections (JSON) to {out} ({det.name})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoo", description="Efficient vision models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd_info)
 
-    p = sub.add_parser("predict", help="top-k classes of images (of a segmentation model: by share of the pixels)")
+    p = sub.add_parser("predict", help="top-k classes of images (of a segmentation model: by share of the pixels; of a "
+                                       "detection model: its detections)")
     p.add_argument("--model", help="NAME[.tag], e.g. tf_efficientnet_lite0 (offline weights)")
     p.add_argument("--tflite", metavar="MODEL.tflite", help="an exported model (see `zoo export`)")
     p.add_argument("--top-k", type=int, default=5)
@@ -212,6 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("images", nargs="+")
     p.set_defaults(run=_cmd_segment)
+
+    p = sub.add_parser("detect", help="boxes in images: PNGs with boxes and labels drawn, and JSON detections",
+                       description="Detect objects with a detection model (JAX) or an exported one (.tflite): "
+                                   "OUT/<image>.png (boxes and labels drawn) and OUT/<image>.json (boxes x0 y0 x1 y1 "
+                                   "in the image's pixels, labels, scores).")
+    p.add_argument("--model", help="NAME[.tag] of a detection model, e.g. ssdlite320_mobilenet_v3_large")
+    p.add_argument("--tflite", metavar="MODEL.tflite", help="an exported detection model (see `zoo export`)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the images and JSON files")
+    p.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
+                   help=f"lowest score kept (default {DEFAULT_SCORE_THRESHOLD})")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("images", nargs="+")
+    p.set_defaults(run=_cmd_detect)
 
     for module_name, fn in _EXTENSIONS:
         try:

@@ -127,7 +127,8 @@ def resolve_checks(check, names: dict[str, tuple[str, ...] | None], sources: dic
                    counts: dict[str, int], *, atol: float, rtol: float, min_agreement: float | None,
                    labels, task: str | None = None) -> dict[str, verify.OutputCheck]:
     """`to_tflite(check=...)` -> a check per signature key. None: by the model's `task` for its forward with one
-    output: `SegmentationCheck` for "segmentation" (min_agreement as the per-pixel agreement), else
+    output: `SegmentationCheck` for "segmentation" (min_agreement as the per-pixel agreement), `DetectionCheck` for
+    "detection" (its four outputs; min_agreement as the fraction of JAX's detections matched), else
     `ClassificationCheck` (with the export's atol, rtol, min_agreement and verify labels); `PerOutputCheck` for
     several outputs."""
     if isinstance(check, dict):
@@ -139,7 +140,9 @@ def resolve_checks(check, names: dict[str, tuple[str, ...] | None], sources: dic
         c = check.get(key) if isinstance(check, dict) else check
         if c is None:
             single = outputs is None or len(outputs) == 1
-            if single and task == "segmentation":
+            if task == "detection":  # the file's boxes after NMS (export.detection)
+                c = verify.DetectionCheck(min_matched=min_agreement)
+            elif single and task == "segmentation":
                 c = verify.SegmentationCheck(min_pixel_agreement=min_agreement, atol=atol, rtol=rtol)
             else:
                 c = (verify.ClassificationCheck(atol, rtol, min_agreement, labels) if single

@@ -24,6 +24,7 @@ import numpy as np
 
 from export import calibration as calib_io
 from export import metadata, ops_report, parity, row_split
+from export import detection as det
 from export import segmentation as seg
 from export import signatures as sigs
 from export.broadcast_resize import broadcast_as_resize
@@ -417,6 +418,8 @@ def to_tflite(
     left_out = ()
     if task == seg.TASK:  # the main logits only: the other heads are training aids (export.segmentation)
         module, variables, left_out = seg.main_output(module, variables)
+    if task == det.TASK:  # boxes after decoding and NMS, not raw anchors (export.detection)
+        module = det.detections(module, cfg)
     if forward:
         functions = {sigs.DEFAULT_KEY: sigs.Signature(parity.model_forward, {sigs.DEFAULT_INPUT: shape})}
     names = {k: sigs.output_names(f.fn, module, variables, f, f"{name}'s forward" if forward else f"signature {k!r}")
@@ -440,6 +443,8 @@ def to_tflite(
     tf = import_tf()
     if q == "int8":
         int8_keep_float = resolve_keep_float(int8_keep_float, module, variables, shape if forward else None)
+        if task == det.TASK:  # the post-processing stays float (export.detection)
+            int8_keep_float = det.keep_float(int8_keep_float)
     keep = int8_keep_float if (q == "int8" and wants_float(variables, int8_keep_float)) else None
     # a quantization-aware model (its `quant_stats` collection) already trained its kernels and biases for int8
     trained = "quant_stats" in variables
@@ -474,6 +479,8 @@ def to_tflite(
     resizes: dict = {}  # filled while tracing
     if task == seg.TASK:  # ASPP's pooled branch as RESIZE_BILINEAR, not BROADCAST_TO (export.broadcast_resize)
         traced = {k: (broadcast_as_resize(fn, resizes), inputs) for k, (fn, inputs) in traced.items()}
+    if task == det.TASK:  # the NMS loop's bookkeeping as SELECT_V2, not STABLEHLO_SCATTER (export.detection)
+        traced = {k: (det.slice_set_as_select(fn), inputs) for k, (fn, inputs) in traced.items()}
     if int8_split_top_row is not None:
         apply, acts = row_split.split_apply(traced[first][0], int8_split_top_row, acts)
         traced[first] = (apply, traced[first][1])
@@ -516,6 +523,8 @@ def to_tflite(
                           task=cfg.task if forward else None,
                           segmentation=seg.sidecar(left_out, resizes.get("resizes", 0), report)
                           if task == seg.TASK else None)
+    if task == det.TASK:
+        meta["detection"] = det.sidecar(module, det.anchor_count(module, variables, shape), report)
     if out_path is not None:
         prog.stage("write", f"writing {out_path}")
         import json

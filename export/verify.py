@@ -18,7 +18,8 @@ What is checked is the task's choice (`OutputCheck`): `compare(reference, output
 outputs of one signature as dicts by output name and returns a report with `passed`, `summary()` and `as_dict()`.
 `ClassificationCheck` (the above; the default for files whose signatures have one output), `PerOutputCheck` (every
 output on its own: the fp32 tolerance above, SQNR for quantized files; the default for several outputs) and
-`SegmentationCheck` (per-pixel agreement and mIoU of the argmax labelling) are the ones here; a task passes one, or
+`SegmentationCheck` (per-pixel agreement and mIoU of the argmax labelling) and `DetectionCheck` (detections matched
+one to one by class and IoU, `export.detection`) are the ones here; a task passes one, or
 its own, to `export.to_tflite(check=...)`.
 """
 
@@ -408,3 +409,125 @@ class SegmentationCheck:
     def with_float64(self, report: SegmentationReport, reference, reference64, output) -> SegmentationReport:
         return dataclasses.replace(report, logits=_with_float64(report.logits, report.output, reference, reference64,
                                                                 output))
+
+
+DETECTION_SCORE_THRESHOLD = 0.3  # JAX detections compared: those a viewer would draw, not the 0.001-score tail
+
+
+@dataclass(frozen=True)
+class DetectionReport:
+    """`DetectionCheck`'s report: JAX's detections scoring >= `score_threshold` matched one to one to the file's (same
+    class, IoU >= `min_iou`), and how far the matched boxes and scores moved."""
+
+    quantization: str
+    num_inputs: int
+    score_threshold: float
+    min_iou: float
+    reference_detections: int  # JAX's detections at or above the threshold, all images
+    matched: int
+    mean_iou: float  # over the matched pairs (1.0 when none)
+    max_score_diff: float  # |file - JAX| score over the matched pairs
+    mean_score_diff: float
+    extra: int  # the file's detections at or above the threshold that match none of JAX's
+    min_matched: float | None  # matched fraction required (fp32: all)
+    max_fp32_score_diff: float | None
+    check: str = "detection"
+
+    @property
+    def matched_fraction(self) -> float:
+        return self.matched / self.reference_detections if self.reference_detections else 1.0
+
+    @property
+    def top1_agreement(self) -> float:
+        """The matched fraction, under the name the int8 sensitivity ranking and `export.mixed` read."""
+        return self.matched_fraction
+
+    @property
+    def passed(self) -> bool:
+        return ((self.min_matched is None or self.matched_fraction >= self.min_matched)
+                and (self.max_fp32_score_diff is None or self.max_score_diff <= self.max_fp32_score_diff))
+
+    def summary(self) -> str:
+        need = [f"matched >= {self.min_matched:.0%}"] if self.min_matched is not None else []
+        if self.max_fp32_score_diff is not None:
+            need.append(f"score diff <= {self.max_fp32_score_diff:g}")
+        return (f"verified detections on {self.num_inputs} input(s) against JAX: {self.matched}/"
+                f"{self.reference_detections} of JAX's detections with score >= {self.score_threshold:g} matched "
+                f"(same class, IoU >= {self.min_iou:g}; {self.matched_fraction:.1%})"
+                + (f" (required {', '.join(need)})" if need else "")
+                + f", mean IoU {self.mean_iou:.4f}, score diff max {self.max_score_diff:.3g} mean "
+                f"{self.mean_score_diff:.3g}, {self.extra} unmatched file detection(s)")
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "matched_fraction": self.matched_fraction}
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    lt, rb = np.maximum(box[:2], boxes[:, :2]), np.minimum(box[2:], boxes[:, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), -1)
+    area = lambda b: np.prod(np.clip(b[..., 2:] - b[..., :2], 0, None), -1)  # noqa: E731
+    union = area(box) + area(boxes) - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def match_detections(reference: Mapping[str, np.ndarray], output: Mapping[str, np.ndarray], score_threshold: float,
+                     min_iou: float) -> tuple[list[tuple[float, float, float]], int, int]:
+    """Detections (`boxes` (N, D, 4), `classes`, `scores`, `valid` (N, D)) matched per image, JAX's by decreasing
+    score, each to the unmatched file detection of its class with the largest IoU (any file score: one just under
+    the threshold still matches). Returns the matched pairs' (IoU, JAX score, file score), the number of JAX
+    detections compared and the file's unmatched detections at or above the threshold."""
+    pairs, total, extra = [], 0, 0
+    for i in range(len(reference["scores"])):
+        rv = np.asarray(reference["valid"][i]).astype(bool) & (np.asarray(reference["scores"][i]) >= score_threshold)
+        ov = np.asarray(output["valid"][i]).astype(bool)
+        free = ov.copy()
+        for r in np.flatnonzero(rv)[np.argsort(-np.asarray(reference["scores"][i])[rv], kind="stable")]:
+            total += 1
+            same = free & (np.asarray(output["classes"][i]) == reference["classes"][i][r])
+            if not same.any():
+                continue
+            ious = np.where(same, _iou(np.asarray(reference["boxes"][i][r], np.float64),
+                                       np.asarray(output["boxes"][i], np.float64)), -1.0)
+            j = int(ious.argmax())
+            if ious[j] >= min_iou:
+                free[j] = False
+                pairs.append((float(ious[j]), float(reference["scores"][i][r]), float(output["scores"][i][j])))
+        extra += int(np.sum(free & (np.asarray(output["scores"][i]) >= score_threshold)))
+    return pairs, total, extra
+
+
+@dataclass(frozen=True)
+class DetectionCheck:
+    """A detection file's outputs (`boxes`, `classes`, `scores`, `valid`; `export.detection`) against JAX's:
+    every JAX detection scoring >= `score_threshold` matched one to one (`match_detections`) by class and IoU >=
+    `min_iou` (fp32) or `quantized_min_iou`. fp32 must match all of them with scores within `fp32_score_atol`;
+    quantized files report the numbers and are held to `min_matched` (a fraction) when given."""
+
+    score_threshold: float = DETECTION_SCORE_THRESHOLD
+    min_iou: float = 0.9
+    quantized_min_iou: float = 0.5
+    min_matched: float | None = None
+    fp32_score_atol: float = 1e-3
+    name: str = "detection"
+
+    def compare(self, reference, output, quantization: str) -> DetectionReport:
+        _same_names(reference, output)
+        missing = sorted({"boxes", "classes", "scores", "valid"} - set(reference))
+        if missing:
+            raise ValueError(f"a detection check compares boxes, classes, scores and valid; the outputs are "
+                             f"{list(reference)}")
+        for k in reference:
+            if np.shape(reference[k]) != np.shape(output[k]):
+                raise ExportParityError(f"output {k!r}: exported shape {np.shape(output[k])}, JAX "
+                                        f"{np.shape(reference[k])}")
+        if not np.all(np.isfinite(output["boxes"])) or not np.all(np.isfinite(output["scores"])):
+            raise ExportParityError("the exported model's boxes or scores have non-finite values")
+        fp32 = quantization == "fp32"
+        iou = self.min_iou if fp32 else self.quantized_min_iou
+        pairs, total, extra = match_detections(reference, output, self.score_threshold, iou)
+        p = np.asarray(pairs, np.float64).reshape(-1, 3)
+        diff = np.abs(p[:, 2] - p[:, 1])
+        return DetectionReport(quantization, len(reference["scores"]), self.score_threshold, iou, total, len(p),
+                               float(p[:, 0].mean()) if len(p) else 1.0, float(diff.max()) if len(p) else 0.0,
+                               float(diff.mean()) if len(p) else 0.0, extra, 1.0 if fp32 else self.min_matched,
+                               self.fp32_score_atol if fp32 else None)
