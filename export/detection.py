@@ -12,8 +12,10 @@ no Flex): four outputs, ordered by name, batch first, D = `settings.max_detectio
 
 The NMS loop records each visited candidate with `keep.at[..., i].set(kept)`, a StableHLO scatter the converter
 leaves as STABLEHLO_SCATTER (no LiteRT kernel); `slice_set_as_select` traces every such one-index scatter as the
-same selection, `where(iota == i, update, keep)`, which becomes builtin EQUAL and SELECT_V2. The converter lowers the NMS loop to a WHILE op with its condition and body as subgraphs, the candidate selection to
-TOPK_V2 and GATHER_ND; those run on LiteRT's builtin kernels after the XNNPACK partition(s) of the network.
+same selection, `where(iota == i, update, keep)`, which becomes builtin EQUAL and SELECT_V2. The converter lowers
+the NMS loop to a WHILE op with its condition and body as subgraphs, the candidate selection to TOPK_V2 and
+GATHER_ND; those run on LiteRT's builtin kernels after the network's XNNPACK partition (a few small partitions more
+cover parts of the box decoding).
 `sidecar` records the op counts of that tail, the settings, the anchor count and the output names.
 
 The post-processing is traced under `export.rewrites.INT8_FLOAT_SCOPE`, and a full-int8 export keeps that scope float

@@ -123,7 +123,8 @@ def test_runner_maps_the_file_detections_to_photo_pixels(ssd, ssd_fp32, photo_fi
         rows = np.flatnonzero(raw["valid"][i] & (raw["scores"][i] >= 0.01))
         assert [d.label for d in dets] == raw["classes"][i][rows].tolist()
         assert rows.size > 0
-        np.testing.assert_allclose(np.reshape([d.box for d in dets], (-1, 4)), raw["boxes"][i][rows] * [w / 128, h / 128, w / 128, h / 128],
+        scale = [w / HW[1], h / HW[0], w / HW[1], h / HW[0]]
+        np.testing.assert_allclose(np.reshape([d.box for d in dets], (-1, 4)), raw["boxes"][i][rows] * scale,
                                    rtol=1e-5, atol=1e-3)
         for d in dets:
             assert -1e-3 <= d.box[0] <= d.box[2] <= w + 1e-3 and -1e-3 <= d.box[1] <= d.box[3] <= h + 1e-3
