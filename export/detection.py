@@ -18,9 +18,12 @@ GATHER_ND; those run on LiteRT's builtin kernels after the network's XNNPACK par
 cover parts of the box decoding).
 `sidecar` records the op counts of that tail, the settings, the anchor count and the output names.
 
-The post-processing is traced under `export.rewrites.INT8_FLOAT_SCOPE`, and a full-int8 export keeps that scope float
-(a float island: int8 softmax scores and box coordinates would move boxes and reorder NMS), so only the network is
-int8. Dynamic-range exports quantize weights only, and the post-processing has none.
+Full int8 is refused (`check_quantization`): TensorFlow's calibrator crashes (a segmentation fault, TensorFlow 2.21.0) on
+the first calibration sample of a graph with the NMS WHILE loop, whether the post-processing is kept float (a float
+island traced under `export.rewrites.INT8_FLOAT_SCOPE`) or not. Dynamic-range int8 (int8 weights,
+the post-processing has none) and fp16 export. For a full-int8 network, export the raw outputs
+(`signatures={"serving_default": (lambda m, v, x: m.apply(v, x), shape)}`) and run the family's `postprocess` on
+them.
 
 Settings: the family's defaults (`zoo.models.<family>.DETECTION`), or others by passing `detections(module, cfg,
 settings)` to `to_tflite` in place of the module. A higher score threshold applied to the file's output gives what a
@@ -69,13 +72,7 @@ class Detections(nn.Module):
         nn.share_scope(self, self.model)
 
     def __call__(self, x, train: bool = False):
-        import jax
-
-        from export.rewrites import INT8_FLOAT_SCOPE
-
-        raw = self.model(x, train=train)
-        with jax.named_scope(INT8_FLOAT_SCOPE):  # kept float in int8 exports (see the module doc)
-            d = self.postprocess(raw, tuple(self.image_size), self.settings)
+        d = self.postprocess(self.model(x, train=train), tuple(self.image_size), self.settings)
         return {"boxes": d["boxes"], "classes": d["labels"], "scores": d["scores"], "valid": d["valid"]}
 
 
@@ -91,12 +88,12 @@ def detections(module: nn.Module, cfg, settings=None) -> Detections:
     return Detections(module, post, tuple(int(v) for v in cfg.input_size), defaults if settings is None else settings)
 
 
-def keep_float(pattern: str | None) -> str:
-    """An int8 keep-float regex that also keeps the post-processing float."""
-    from export.rewrites import INT8_FLOAT_SCOPE
-
-    scope = f"(^|/){INT8_FLOAT_SCOPE}/"
-    return scope if not pattern else pattern if scope in pattern else f"{pattern}|{scope}"
+def check_quantization(quantization: str) -> None:
+    """Raise for a quantization a detection file cannot have (full int8: see the module doc)."""
+    if quantization == "int8":
+        raise ValueError("a detection file holds its NMS loop (a WHILE op), on which TensorFlow's int8 calibrator "
+                         "crashes: export it with quantization='dynamic' or 'fp16', or export the raw outputs in "
+                         "int8 with signatures=... and run the family's postprocess on them")
 
 
 def anchor_count(module: Detections, variables, shape) -> int:

@@ -419,6 +419,7 @@ def to_tflite(
     if task == seg.TASK:  # the main logits only: the other heads are training aids (export.segmentation)
         module, variables, left_out = seg.main_output(module, variables)
     if task == det.TASK:  # boxes after decoding and NMS, not raw anchors (export.detection)
+        det.check_quantization(q)
         module = det.detections(module, cfg)
     if forward:
         functions = {sigs.DEFAULT_KEY: sigs.Signature(parity.model_forward, {sigs.DEFAULT_INPUT: shape})}
@@ -443,8 +444,6 @@ def to_tflite(
     tf = import_tf()
     if q == "int8":
         int8_keep_float = resolve_keep_float(int8_keep_float, module, variables, shape if forward else None)
-        if task == det.TASK:  # the post-processing stays float (export.detection)
-            int8_keep_float = det.keep_float(int8_keep_float)
     keep = int8_keep_float if (q == "int8" and wants_float(variables, int8_keep_float)) else None
     # a quantization-aware model (its `quant_stats` collection) already trained its kernels and biases for int8
     trained = "quant_stats" in variables

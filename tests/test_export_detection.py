@@ -110,6 +110,12 @@ def test_dynamic_file_matches_most_detections(ssd):
     assert v.min_iou == 0.5 and v.mean_iou >= 0.9
 
 
+def test_full_int8_is_refused_before_tracing(ssd):
+    module, variables, cfg, x = ssd
+    with pytest.raises(ValueError, match="int8 calibrator crashes"):
+        to_tflite(module, variables, cfg=cfg, quantization="int8", representative_data=x, progress=False)
+
+
 def test_runner_maps_the_file_detections_to_photo_pixels(ssd, ssd_fp32, photo_files):
     """The file's own rows (verified against JAX above) on the whole photo resized, scaled back by its size."""
     from export.runtime import LiteRTRunner
