@@ -18,10 +18,10 @@ GATHER_ND; those run on LiteRT's builtin kernels after the network's XNNPACK par
 cover parts of the box decoding).
 `sidecar` records the op counts of that tail, the settings, the anchor count and the output names.
 
-Full int8 is refused (`check_quantization`): TensorFlow's calibrator crashes (a segmentation fault, TensorFlow 2.21.0) on
-the first calibration sample of a graph with the NMS WHILE loop, whether the post-processing is kept float (a float
-island traced under `export.rewrites.INT8_FLOAT_SCOPE`) or not. Dynamic-range int8 (int8 weights,
-the post-processing has none) and fp16 export. For a full-int8 network, export the raw outputs
+Full int8 is refused (`check_quantization`): TensorFlow's calibrator crashes (a segmentation fault, TensorFlow
+2.21.0) on the first calibration sample of a graph with the NMS WHILE loop, whether the post-processing is kept float
+(a float island traced under `export.rewrites.INT8_FLOAT_SCOPE`) or not. Dynamic-range int8 (int8 weights, the
+post-processing has none) and fp16 export. For a full-int8 network, export the raw outputs
 (`signatures={"serving_default": (lambda m, v, x: m.apply(v, x), shape)}`) and run the family's `postprocess` on
 them.
 
