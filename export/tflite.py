@@ -478,8 +478,6 @@ def to_tflite(
     resizes: dict = {}  # filled while tracing
     if task == seg.TASK:  # ASPP's pooled branch as RESIZE_BILINEAR, not BROADCAST_TO (export.broadcast_resize)
         traced = {k: (broadcast_as_resize(fn, resizes), inputs) for k, (fn, inputs) in traced.items()}
-    if task == det.TASK:  # the NMS loop's bookkeeping as SELECT_V2, not STABLEHLO_SCATTER (export.detection)
-        traced = {k: (det.slice_set_as_select(fn), inputs) for k, (fn, inputs) in traced.items()}
     if int8_split_top_row is not None:
         apply, acts = row_split.split_apply(traced[first][0], int8_split_top_row, acts)
         traced[first] = (apply, traced[first][1])

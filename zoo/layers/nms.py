@@ -30,7 +30,9 @@ def greedy_nms_mask(boxes, valid, iou_threshold: float, classes=None):
         if classes is not None:
             overlap &= classes == classes[..., i, None]
         suppressed |= kept[..., None] & overlap & (order > i)
-        return keep.at[..., i].set(kept), suppressed
+        # a selection, not `keep.at[..., i].set(kept)`: the same values, and a scatter has no LiteRT kernel
+        # (the converter keeps it as STABLEHLO_SCATTER); this becomes EQUAL + SELECT_V2
+        return jnp.where(order == i, kept[..., None], keep), suppressed
 
     none = jnp.zeros(valid.shape, bool)
     keep, _ = jax.lax.fori_loop(0, k, visit, (none, none))
