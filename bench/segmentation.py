@@ -408,6 +408,7 @@ def plot(rows, path: Path) -> bool:
     ax1.bar([r["framework"].split(" ")[0] for r in train_rows], [r["miou"] for r in train_rows], color=["C0", "C1"])
     for i, r in enumerate(train_rows):
         ax1.annotate(f"{r['miou']:.3f}\n{r['train_s']:.0f} s", (i, r["miou"]), ha="center", va="bottom", fontsize=8)
+    ax1.set_ylim(0, 1.25 * max([r["miou"] for r in train_rows] or [0.8]))  # room for the labels
     ax1.set_ylabel("validation mIoU")
     ax1.set_title("(a) LR-ASPP, same budget, from scratch", fontsize=10)
     for i, model in enumerate(dict.fromkeys(r["model"] for r in rows if r["table"] == "export")):
