@@ -205,9 +205,9 @@ def test_a_segmenter_trains_through_fit_and_keeps_the_best_miou(tmp_path):
                for im, m in zip(images[64:], masks[64:])]
     with tfds.testing.mock_data(as_data_source_fn=lambda *a, **k: records):
         served = train.evaluate(result.model, "tfds:oxford_iiit_pet", split="test", batch_size=16,
-                                mask_key="segmentation_mask")
+                                source_options={"mask_key": "segmentation_mask"})
         with pytest.raises(train.DataError, match=r"no feature 'mask'; features: .*segmentation_mask"):
-            train.evaluate(result.model, "tfds:oxford_iiit_pet", split="test", mask_key="mask")
+            train.evaluate(result.model, "tfds:oxford_iiit_pet", split="test", source_options={"mask_key": "mask"})
     assert served["miou"] == pytest.approx(again["miou"], abs=1e-6)
 
 

@@ -137,13 +137,13 @@ def _cmd_eval(args) -> int:
                       batch_size=args.batch_size or cfg.data.eval_batch_size or cfg.data.batch_size,
                       image_size=args.image_size, crop_pct=args.crop_pct or cfg.data.eval_crop_pct,
                       gray_to_rgb=args.gray_to_rgb or cfg.data.gray_to_rgb,
-                      **_source_keys(args, cfg.data))
+                      source_options=_source_keys(args, cfg.data))
         else:
             if not args.data:
                 raise ValueError("--model needs --data")
             model, data = zoo.load(args.model), args.data
             kw = dict(batch_size=args.batch_size or 64, image_size=args.image_size, crop_pct=args.crop_pct,
-                      gray_to_rgb=args.gray_to_rgb, **_source_keys(args, None))
+                      gray_to_rgb=args.gray_to_rgb, source_options=_source_keys(args, None))
         metrics = evaluate(model, data, split=split or "test", **kw)
     except CheckpointError as e:
         print(f"zoo eval: error: {e}", file=sys.stderr)

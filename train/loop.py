@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -513,20 +513,19 @@ def load_run(workdir: str | Path, *, which: str = "best", ema: bool = True, mode
 
 def evaluate(model: zoo.Model, data, *, split: str = "test", batch_size: int = 64, image_size: int | None = None,
              crop_pct: float | None = None, gray_to_rgb: bool = False, task: Task | None = None,
-             class_names: Sequence[str] | None = None, workers: int = 2, data_dir: str | None = None,
-             image_key: str = "image", label_key: str = "label", mask_key: str | None = None) -> dict:
+             class_names: Sequence[str] | None = None, workers: int = 2,
+             source_options: Mapping | None = None) -> dict:
     """Metrics of `model` on `data` (a Source, an (images, class ids) pair, or a source spec with `split`) under `task`
     (default: the model's own task: top-1 for a classifier, mIoU for a segmenter).
 
     For folders, `class_names` (in training order) maps subfolders to classes; by default the classes of a sibling
-    `train` split when there is one, else the folder's own subfolders. For tfds: `data_dir`, the features read
-    (`image_key`, `label_key`) and, for a segmenter, `mask_key`, the feature of per-pixel class ids.
+    `train` split when there is one, else the folder's own subfolders. `source_options`: more keywords of
+    `open_source` for a source spec (tfds: `data_dir`, the features read; a segmenter's masks by `mask_key`).
     """
     if isinstance(data, str):
         if class_names is None and not data.startswith("tfds:") and has_split(data, "train") and split != "train":
             class_names = open_source(data, "train").class_names
-        source = open_source(data, split, class_names=class_names, data_dir=data_dir, image_key=image_key,
-                             label_key=label_key, mask_key=mask_key)
+        source = open_source(data, split, class_names=class_names, **(source_options or {}))
     else:
         source = as_source(data, "eval")
     cfg = TrainConfig()
