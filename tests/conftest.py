@@ -170,6 +170,17 @@ def photos() -> dict[str, np.ndarray]:
     return {name: getattr(data, name)() for name in ("chelsea", "coffee", "astronaut", "rocket")}
 
 
+@pytest.fixture(scope="session")
+def photo_files(photos, tmp_path_factory) -> dict:
+    """The photos as PNG files (what the command-line tests read), by name."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    for name, image in photos.items():
+        Image.fromarray(image).save(folder / f"{name}.png")
+    return {name: folder / f"{name}.png" for name in photos}
+
+
 # ---- one fine-tuned pretrained model shared by the slow tests (training it once saves minutes of CI) ---------------
 
 @pytest.fixture(scope="session")

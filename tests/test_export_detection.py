@@ -72,13 +72,8 @@ def ssd_fp32(ssd, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def photo_files(photos, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("photos")
-    paths = []
-    for name in ("chelsea", "astronaut"):
-        paths.append(folder / f"{name}.png")
-        Image.fromarray(photos[name]).save(paths[-1])
-    return paths
+def two_photos(photo_files):
+    return [photo_files["chelsea"], photo_files["astronaut"]]
 
 
 def test_fp32_file_matches_every_jax_detection(ssd_fp32):
@@ -116,13 +111,13 @@ def test_full_int8_is_refused_before_tracing(ssd):
         to_tflite(module, variables, cfg=cfg, quantization="int8", representative_data=x, progress=False)
 
 
-def test_runner_maps_the_file_detections_to_photo_pixels(ssd, ssd_fp32, photo_files):
+def test_runner_maps_the_file_detections_to_photo_pixels(ssd, ssd_fp32, two_photos):
     """The file's own rows (verified against JAX above) on the whole photo resized, scaled back by its size."""
     from export.runtime import LiteRTRunner
 
     _, _, cfg, _ = ssd
-    found = TFLiteDetector(ssd_fp32.path).detect([str(p) for p in photo_files], score_threshold=0.01)
-    rgb = [load_rgb(p) for p in photo_files]
+    found = TFLiteDetector(ssd_fp32.path).detect([str(p) for p in two_photos], score_threshold=0.01)
+    rgb = [load_rgb(p) for p in two_photos]
     raw = LiteRTRunner(ssd_fp32.path).run(detector_input(rgb, HW, cfg.mean, cfg.std))
     for i, (dets, im) in enumerate(zip(found, rgb)):
         h, w = im.shape[:2]
@@ -136,20 +131,20 @@ def test_runner_maps_the_file_detections_to_photo_pixels(ssd, ssd_fp32, photo_fi
             assert -1e-3 <= d.box[0] <= d.box[2] <= w + 1e-3 and -1e-3 <= d.box[1] <= d.box[3] <= h + 1e-3
 
 
-def test_zoo_detect_writes_boxes_and_json(ssd_fp32, photo_files, tmp_path, capsys):
+def test_zoo_detect_writes_boxes_and_json(ssd_fp32, two_photos, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["detect", "--tflite", str(ssd_fp32.path), *map(str, photo_files), "--out", str(out), "--quiet",
+    argv = ["detect", "--tflite", str(ssd_fp32.path), *map(str, two_photos), "--out", str(out), "--quiet",
             "--score-threshold", "0.01"]
     assert zoo_cli.main(argv) == 0
-    expected = TFLiteDetector(ssd_fp32.path).detect([str(p) for p in photo_files], score_threshold=0.01)
-    for path, dets in zip(photo_files, expected):
+    expected = TFLiteDetector(ssd_fp32.path).detect([str(p) for p in two_photos], score_threshold=0.01)
+    for path, dets in zip(two_photos, expected):
         record = json.loads((out / f"{path.stem}.json").read_text())
         assert record["size"] == list(load_rgb(path).shape[:2])
         assert [d["label"] for d in record["detections"]] == [d.label for d in dets]
         with Image.open(out / f"{path.stem}.png") as img:
             assert img.size == Image.open(path).size
     capsys.readouterr()
-    assert zoo_cli.main(["predict", "--tflite", str(ssd_fp32.path), str(photo_files[0])]) == 0
+    assert zoo_cli.main(["predict", "--tflite", str(ssd_fp32.path), str(two_photos[0])]) == 0
     assert "detection(s) with score >= 0.3" in capsys.readouterr().out
 
 
@@ -161,7 +156,7 @@ def test_zoo_detect_writes_boxes_and_json(ssd_fp32, photo_files, tmp_path, capsy
     (["detect", "--tflite", "{file}", "--out", "{tmp}", "{tmp}/none.png"], "no such image file"),
     (["detect", "--tflite", "{file}", "--out", "{tmp}", "--score-threshold", "2", "{img}"], "between 0 and 1"),
 ])
-def test_zoo_detect_bad_input(ssd_fp32, photo_files, tmp_path, capsys, argv, message):
-    fill = {"tmp": str(tmp_path), "img": str(photo_files[0]), "file": str(ssd_fp32.path)}
+def test_zoo_detect_bad_input(ssd_fp32, two_photos, tmp_path, capsys, argv, message):
+    fill = {"tmp": str(tmp_path), "img": str(two_photos[0]), "file": str(ssd_fp32.path)}
     assert zoo_cli.main([a.format(**fill) for a in argv]) == 2
     assert message in capsys.readouterr().err

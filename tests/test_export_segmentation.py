@@ -100,16 +100,6 @@ def lraspp_fp32(lraspp, tmp_path_factory):
         return to_tflite(module, variables, cfg=cfg, verify_data=x, out=out, progress=False)
 
 
-@pytest.fixture(scope="module")
-def photo_files(photos, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("photos")
-    paths = {}
-    for name in ("chelsea", "coffee"):
-        paths[name] = folder / f"{name}.png"
-        Image.fromarray(photos[name]).save(paths[name])
-    return paths
-
-
 def test_lraspp_fp32_labels_every_pixel_as_jax(lraspp_fp32):
     res = lraspp_fp32
     v = res.verification
