@@ -433,12 +433,19 @@ class _StopSignal:
 
 
 def run_eval(eval_step, params, model_state, loader: Loader, task: Task, shardings) -> dict:
+    """The task's metrics over every example of `loader`: the sums of `eval_sums` summarized, and what the task's
+    host evaluator (if any) computes from the per-example outputs it names."""
     _, batched = shardings
-    total = None
+    total, host = None, task.host_evaluator()
     for local in loader.eval_batches():
-        sums = eval_step(params, model_state, parallel.global_batch(local, batched))
+        sums = dict(eval_step(params, model_state, parallel.global_batch(local, batched)))
+        if host is not None:
+            host.add(jax.device_get({k: sums.pop(k) for k in host.keys}))
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    return task.summarize(jax.device_get(total)) if total is not None else {}
+    if total is None:
+        return {}
+    metrics = task.summarize(jax.device_get(total))
+    return {**metrics, **host.summarize()} if host is not None else metrics
 
 
 def fit(cfg: TrainConfig, *, model: zoo.Model | None = None, train_data=None, eval_data=None,

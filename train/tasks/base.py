@@ -4,7 +4,8 @@ segmentation, so the loop never branches on it.
 A task owns, from the example to the metric: its transforms of examples (train and eval, `transforms`), the checks of
 the data before training (`validate`), collation of transformed examples into a batch padded to static shapes with a
 validity mask (`collate`, for evaluation batches too), the training loss (`loss`), evaluation (`eval_sums` per batch,
-reduced by `summarize`), which metric is best (`best_metric`, `best_mode`), and how a loaded model is adapted to it
+reduced by `summarize`; metrics that need every example's outputs on the host, such as COCO's mAP, from a
+`HostEvaluator` the task gives with `host_evaluator`), which metric is best (`best_metric`, `best_mode`), and how a loaded model is adapted to it
 (`adapt`). It calls the network through `Forward`, which binds the variables, the train flag and the dropout rng and
 records the updated model state (BatchNorm statistics).
 
@@ -75,6 +76,21 @@ def _lookup(kind: str) -> tuple[type, type]:
         raise ValueError(f"unknown task kind '{kind}'; registered kinds: {', '.join(task_kinds())}") from None
 
 
+class HostEvaluator:
+    """Metrics computed on the host from per-example outputs of the evaluation step (e.g. COCO's mAP, which ranks
+    the detections of the whole evaluation set). The loop takes the entries named by `keys` out of each batch's
+    `eval_sums` (they are per-example arrays, not sums), hands them to `add` as numpy arrays, and merges `summarize()`
+    into the metrics. One evaluator serves one evaluation pass."""
+
+    keys: tuple[str, ...] = ()
+
+    def add(self, outputs: dict) -> None:
+        raise NotImplementedError
+
+    def summarize(self) -> dict:
+        raise NotImplementedError
+
+
 class Task:
     """The interface the loop uses. Subclasses implement `loss`, `eval_sums`, `summarize` and `from_config`, and
     override the rest where their data needs it; see `Classification`."""
@@ -132,6 +148,10 @@ class Task:
 
     def summarize(self, sums: Mapping[str, float]) -> dict:
         raise NotImplementedError
+
+    def host_evaluator(self) -> HostEvaluator | None:
+        """A fresh `HostEvaluator` for one evaluation pass, or None when `eval_sums` and `summarize` say it all."""
+        return None
 
 
 def model_shapes(module, model_cfg) -> dict:
