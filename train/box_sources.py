@@ -15,6 +15,10 @@ What is read is checked once, when the source opens, and what cannot be used is 
 - an error, naming the file and the entry: a category or class name the dataset does not declare, an image file
   that is missing, a JSON or XML file that cannot be read.
 COCO's category ids map back from class ids with `source.category_ids` (for COCO's evaluator).
+
+Folders (`open_box_folder`, which `train.sources.open_source` asks after the segmentation layouts): VOC's detection
+layout; COCO's own (`annotations/instances_<split>.json`, images in `<split>/`); or `write_coco`'s, one folder per split
+(`<split>/<name>.json` beside `<split>/images/`) or the folder itself for every split.
 """
 
 from __future__ import annotations
@@ -138,6 +142,53 @@ class VocBoxSource(BoxSource):
             records.append(_record(path, objects, wh, counts))
         super().__init__(f"{root.name}/{split}", records, names)
         _log_counts(listing, len(records), counts)
+
+
+def box_layout(root: Path) -> str | None:
+    """"voc", "coco", "coco_folder" or None: the detection layout of the folder `root` (see the module doc)."""
+    if (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir() and (root / "ImageSets" / "Main").is_dir():
+        return "voc"
+    if (root / "annotations").is_dir() and any((root / "annotations").glob("instances_*.json")):
+        return "coco"
+    if (root / "images").is_dir() and len(list(root.glob("*.json"))) == 1:
+        return "coco_folder"
+    return None
+
+
+def open_box_folder(root: Path, split: str, class_names: Sequence[str] | None = None) -> Source | None:
+    """The detection source of `root` for `split`, or None when `root` is in no detection layout. `class_names` (the
+    training split's) must be the split's own classes, in the same order."""
+    kind = box_layout(root)
+    if kind == "voc":
+        return VocBoxSource(root, split, class_names)
+    if kind == "coco":
+        annotations = root / "annotations" / f"instances_{split}.json"
+        if not annotations.is_file():
+            have = sorted(p.stem[len("instances_"):] for p in (root / "annotations").glob("instances_*.json"))
+            raise DataError(f"{root} has no split '{split}': {annotations} not found (splits: {', '.join(have)})")
+        source = CocoSource(annotations, root / split)
+    elif box_layout(root / split) == "coco_folder":
+        source = CocoSource(next((root / split).glob("*.json")), root / split / "images")
+    elif kind == "coco_folder":
+        source = CocoSource(next(root.glob("*.json")), root / "images")
+    else:
+        return None
+    if class_names is not None and tuple(class_names) != source.class_names:
+        raise DataError(f"{source.name} ({split}) has the classes {', '.join(source.class_names[:10])}, the training "
+                        f"data {', '.join(tuple(class_names)[:10])}: the splits must declare the same categories")
+    return source
+
+
+def has_box_split(root: Path, split: str) -> bool | None:
+    """Whether a folder in a detection layout has `split` (None: not such a folder)."""
+    kind = box_layout(root)
+    if kind == "voc":
+        return (root / "ImageSets" / "Main" / f"{split}.txt").is_file()
+    if kind == "coco":
+        return (root / "annotations" / f"instances_{split}.json").is_file()
+    if box_layout(root / split) == "coco_folder":
+        return True
+    return False if kind == "coco_folder" else None
 
 
 def _record(path: Path, objects: list, size: tuple, counts: Counter) -> tuple[Path, np.ndarray, np.ndarray]:

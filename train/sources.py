@@ -1,5 +1,5 @@
 """Sources of examples: in-memory arrays, image folders (one subfolder per class), folders of images with
-segmentation masks (`train.mask_sources`) and tensorflow-datasets splits.
+segmentation masks (`train.mask_sources`) or boxes (`train.box_sources`) and tensorflow-datasets splits.
 
 `open_source` picks one from a spec string (`tfds:NAME`, `folder:PATH` or a folder path); `write_image_folder` writes
 arrays in the layout `FolderSource` reads. Examples of labelled images are `{"image": ..., "label": int}`, of segmented
@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from train.box_sources import has_box_split, open_box_folder
 from train.data import IMAGE_SUFFIXES, DataError, Source, split_fraction
 from train.mask_sources import has_mask_split, open_mask_folder
 
@@ -172,7 +173,8 @@ def open_source(spec: str | Source, split: str, *, data_dir: str | None = None, 
     """`tfds:NAME` / `folder:PATH` / a folder path -> a Source for `split`. Folders with a `split` subfolder use it;
     `class_names` (the training split's) fixes a folder's classes and their order. A folder in a segmentation layout
     (VOC's, or images/ + masks/; see `train.mask_sources`) gives images with masks; a tfds dataset does with
-    `mask_key`."""
+    `mask_key`. A folder in a detection layout (COCO's JSON or VOC's XML; see `train.box_sources`) gives images with
+    boxes and classes; a VOC folder with segmentation masks too opens as segmentation."""
     if isinstance(spec, Source):
         return spec
     if not spec:
@@ -184,6 +186,9 @@ def open_source(spec: str | Source, split: str, *, data_dir: str | None = None, 
     segmented = open_mask_folder(root, split, class_names)
     if segmented is not None:
         return segmented
+    boxed = open_box_folder(root, split, class_names)
+    if boxed is not None:
+        return boxed
     if (root / split).is_dir():
         return FolderSource(root / split, class_names=class_names)
     return FolderSource(root, class_names=class_names)
@@ -221,8 +226,9 @@ def has_split(spec: str | Source, split: str) -> bool:
     if isinstance(spec, Source) or spec.startswith("tfds:"):
         return True
     root = Path(spec[7:] if spec.startswith("folder:") else spec).expanduser()
-    segmented = has_mask_split(root, split)
-    return (root / split).is_dir() if segmented is None else segmented
+    found = has_mask_split(root, split)
+    found = has_box_split(root, split) if found is None else found
+    return (root / split).is_dir() if found is None else found
 
 
 def write_image_folder(images, labels, root: str | os.PathLike, class_names: Sequence[str] | None = None,
