@@ -4,10 +4,12 @@ Each kind lives in its own module and registers itself on import; this package i
 registry is complete.
 """
 
-from train.tasks.base import (Task, TaskConfig, build_task, check_shapes, pad_ragged, register_task,
-                              task_config_class, task_kinds)
+from train.tasks.base import (HostEvaluator, Task, TaskConfig, build_task, check_shapes, pad_ragged,
+                              register_task, task_config_class, task_kinds)
 from train.tasks.classification import Classification, ClassificationConfig
+from train.tasks.detection import Detection, DetectionConfig
 from train.tasks.segmentation import Segmentation, SegmentationConfig
 
-__all__ = ["Classification", "ClassificationConfig", "Segmentation", "SegmentationConfig", "Task", "TaskConfig",
-           "build_task", "check_shapes", "pad_ragged", "register_task", "task_config_class", "task_kinds"]
+__all__ = ["Classification", "ClassificationConfig", "Detection", "DetectionConfig", "HostEvaluator", "Segmentation",
+           "SegmentationConfig", "Task", "TaskConfig", "build_task", "check_shapes", "pad_ragged", "register_task",
+           "task_config_class", "task_kinds"]
