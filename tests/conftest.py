@@ -70,7 +70,7 @@ EXACTNESS_FILES = ("test_fold_bn.py", "test_deploy.py", "test_sparsity.py", "tes
 # Files whose tests train a few steps or export on tiny inputs: also native depthwise convolutions, which compile ~2x
 # faster than the CPU default's shifted slices (`tiny_config` sets the training loop's `depthwise_impl` to match).
 TINY_PROGRAM_FILES = ("test_train.py", "test_tasks.py", "test_train_compress.py", "test_export.py",
-                      "test_token_merging.py")
+                      "test_token_merging.py", "test_detection_task.py")
 
 
 @functools.lru_cache(maxsize=None)
