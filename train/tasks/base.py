@@ -5,9 +5,9 @@ A task owns, from the example to the metric: its transforms of examples (train a
 the data before training (`validate`), collation of transformed examples into a batch padded to static shapes with a
 validity mask (`collate`, for evaluation batches too), the training loss (`loss`), evaluation (`eval_sums` per batch,
 reduced by `summarize`; metrics that need every example's outputs on the host, such as COCO's mAP, from a
-`HostEvaluator` the task gives with `host_evaluator`), which metric is best (`best_metric`, `best_mode`), and how a loaded model is adapted to it
-(`adapt`). It calls the network through `Forward`, which binds the variables, the train flag and the dropout rng and
-records the updated model state (BatchNorm statistics).
+`HostEvaluator` the task gives with `host_evaluator`), which metric is best (`best_metric`, `best_mode`), and how a
+loaded model is adapted to it (`adapt`). It calls the network through `Forward`, which binds the variables, the train
+flag and the dropout rng and records the updated model state (BatchNorm statistics).
 
 A task kind registers itself with its config class: `@register_task("segmentation", SegmentationConfig)`; a run's
 `cfg.task` (tagged by `kind`) then builds it with `build_task`.
