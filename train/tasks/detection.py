@@ -128,9 +128,6 @@ class SizedTransform:
         out["orig_size"] = np.asarray(_image_size(example["image"]), np.int32)
         return out
 
-    def __getattr__(self, name):
-        return getattr(self.transform, name)
-
 
 def _image_size(image) -> tuple[int, int]:
     if isinstance(image, (str, os.PathLike)):
