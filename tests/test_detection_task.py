@@ -36,7 +36,8 @@ class _Fixed:
 
 def _cfg(family: str, num_classes: int, size: int = 64) -> ModelCfg:
     return ModelCfg(name=f"tiny_{family}", family=family, task="detection", input_size=(size, size),
-                    num_classes=num_classes, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0, interpolation="bilinear")
+                    num_classes=num_classes, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0, interpolation="bilinear",
+                    classifier=tuple(f"det/head/cls_{i}" for i in range(3)))  # _TinyGFL's class predictors
 
 
 # ---- numpy references --------------------------------------------------------------------------------------------
@@ -379,9 +380,27 @@ class _TinyGFL(nn.Module):
         return GFLLiteHead(self.num_classes, ("s8", "s16", "s32"), width=16, depth=1, name="det")(feats, train)
 
 
-def test_a_tiny_anchor_free_detector_trains_through_fit(tmp_path, mnist5k):
+def _tiny_gfl(num_classes: int, seed: int = 0):
     import zoo
     from export.weights import random_variables
+
+    module = _TinyGFL(num_classes)
+    return zoo.Model(module, jax.device_put(random_variables(module, (1, 64, 64, 3), seed=seed)),
+                     _cfg("gfl_lite", num_classes))
+
+
+def test_a_loaded_detector_of_other_classes_gets_zero_class_predictors():
+    base, small = _tiny_gfl(3), _tiny_gfl(2, seed=1)
+    variables = Detection(2).adapt(small.module, base, small.cfg)
+    for i in range(3):
+        kernel = variables["params"]["det"]["head"][f"cls_{i}"]["kernel"]
+        assert kernel.shape == (1, 1, 16, 2) and not np.any(kernel)
+    np.testing.assert_array_equal(variables["params"]["det"]["head"]["box_0"]["kernel"],
+                                  base.variables["params"]["det"]["head"]["box_0"]["kernel"])
+    assert Detection(3).adapt(base.module, base, base.cfg) is base.variables
+
+
+def test_a_tiny_anchor_free_detector_trains_through_fit(tmp_path, mnist5k):
     from train.datasets.digit_canvases import digit_canvases
 
     (xtr, ytr), (xte, yte) = mnist5k
@@ -390,8 +409,7 @@ def test_a_tiny_anchor_free_detector_trains_through_fit(tmp_path, mnist5k):
         canvases = digit_canvases(n, (x[zeros_ones][:300], y[zeros_ones][:300]), size=64, seed=seed)
         write_coco(tmp_path / "digits" / split, [c.image for c in canvases], [c.boxes for c in canvases],
                    [c.classes for c in canvases], ["0", "1"])
-    module = _TinyGFL(2)
-    model = zoo.Model(module, jax.device_put(random_variables(module, (1, 64, 64, 3))), _cfg("gfl_lite", 2))
+    model = _tiny_gfl(2)
     cfg = train.TrainConfig(workdir=str(tmp_path / "run"), steps=60, eval_every=60, log_every=1, progress=False,
                             plot=False, tensorboard=False, async_checkpoints=False, depthwise_impl="native")
     cfg = train.apply_overrides(cfg, [f"data.source=folder:{tmp_path / 'digits'}", "data.eval_split=val",
@@ -414,3 +432,6 @@ def test_a_tiny_anchor_free_detector_trains_through_fit(tmp_path, mnist5k):
         assert ckpt.read_meta(which="best")["best"]["metric"] == "map"
     finally:
         ckpt.close()
+    # train.evaluate on the folder, without naming a task, takes the model's own: the same mAP
+    again = train.evaluate(result.model, f"folder:{tmp_path / 'digits'}", split="val", batch_size=16)
+    assert again["map"] == pytest.approx(after["map"], abs=1e-6) and "accuracy" not in again

@@ -5,11 +5,11 @@ registry is complete.
 """
 
 from train.tasks.base import (HostEvaluator, Task, TaskConfig, build_task, check_shapes, pad_ragged,
-                              register_task, task_config_class, task_kinds)
+                              register_task, reset_classifiers, task_config_class, task_kinds)
 from train.tasks.classification import Classification, ClassificationConfig
 from train.tasks.detection import Detection, DetectionConfig
 from train.tasks.segmentation import Segmentation, SegmentationConfig
 
 __all__ = ["Classification", "ClassificationConfig", "Detection", "DetectionConfig", "HostEvaluator", "Segmentation",
            "SegmentationConfig", "Task", "TaskConfig", "build_task", "check_shapes", "pad_ragged", "register_task",
-           "task_config_class", "task_kinds"]
+           "reset_classifiers", "task_config_class", "task_kinds"]

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from train.data import DataError, Source, check_images, stack_collate
 from train.forward import Forward
-from train.state import flatten
+from train.state import flatten, unflatten
 from train.transforms import Transform, transforms_for
 from zoo.abstract import abstract_variables
 
@@ -166,6 +167,20 @@ def check_shapes(module, variables: dict, model_cfg) -> None:
     if bad:
         raise ValueError(f"the loaded weights do not fit the model this task builds ({len(bad)} parameter(s) differ, "
                         f"loaded vs built: {'; '.join(bad[:5])})")
+
+
+def reset_classifiers(module, base, model_cfg) -> dict:
+    """`base`'s variables (a loaded `zoo.Model`) for `module` built as `model_cfg` says with other classes: every path
+    of `base.cfg.classifier` zeros of the new shapes (as `zoo.load` re-initializes a classifier), the rest as loaded,
+    which must fit."""
+    paths = (base.cfg.classifier,) if isinstance(base.cfg.classifier, str) else tuple(base.cfg.classifier)
+    flat = flatten(base.variables["params"])
+    for k, shape in model_shapes(module, model_cfg).items():
+        if any(k.startswith(p + "/") for p in paths):
+            flat[k] = jnp.zeros(shape, flat[k].dtype if k in flat else jnp.float32)
+    variables = {**base.variables, "params": unflatten(flat)}
+    check_shapes(module, variables, model_cfg)
+    return variables
 
 
 def pad_ragged(arrays: list[np.ndarray], length: int, fill=0, dtype=None) -> tuple[np.ndarray, np.ndarray]:

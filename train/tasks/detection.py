@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Mapping
@@ -37,11 +38,13 @@ import numpy as np
 from PIL import Image
 
 from train.data import DataError
-from train.tasks.base import HostEvaluator, Task, TaskConfig, pad_ragged, register_task
+from train.tasks.base import HostEvaluator, Task, TaskConfig, pad_ragged, register_task, reset_classifiers
 from train.tasks.detection_losses import DFL_WEIGHT, GIOU_WEIGHT, NEG_TO_POS, gfl_loss_terms, ssd_loss_terms
 from train.tasks.detection_targets import atss_assign, ssd_match
 from train.transforms import Transform, transforms_for
 from zoo.models.anchor_free_postprocess import decode as decode_distributions
+
+log = logging.getLogger("train")
 
 CHECKED_BEFORE_TRAINING = 5000  # examples whose boxes and classes are checked before the first step (spread)
 
@@ -249,6 +252,15 @@ class Detection(Task):
         if "orig_size" in examples[0]:
             batch["orig_size"] = np.stack([ex["orig_size"] for ex in examples]).astype(np.int32)
         return batch
+
+    def adapt(self, module, base, model_cfg):
+        """A loaded detector with other classes gets zero class predictors (every path of `ModelCfg.classifier`) of
+        this task's size; the rest must fit."""
+        if base.cfg.num_classes == self.num_classes:
+            return base.variables
+        log.warning("%s: class predictors %s re-initialized for %d classes (the loaded model has %d)", base.cfg.name,
+                    base.cfg.classifier, self.num_classes, base.cfg.num_classes)
+        return reset_classifiers(module, base, model_cfg)
 
     # ---- loss and metrics ----
 
