@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import train
-from train.box_sources import write_coco
+from train.box_sources import CocoSource, write_coco
 from train.data import DataError
 from train.sources import ArraySource, has_split, open_source
 from train.tasks import Detection, DetectionConfig
@@ -313,7 +313,7 @@ def test_exact_outputs_score_map_1_in_each_images_own_pixels():
 
 # ---- data --------------------------------------------------------------------------------------------------------
 
-def test_the_data_is_checked_before_training():
+def test_the_data_is_checked_before_training(tmp_path, caplog):
     images = np.zeros((2, 32, 32, 3), np.uint8)
     boxes = [np.asarray([[1, 1, 9, 9]], np.float32), np.asarray([[2, 2, 8, 8], [3, 3, 9, 9]], np.float32)]
     good = ArraySource(images, targets={"boxes": boxes, "classes": [np.asarray([0]), np.asarray([1, 1])]})
@@ -334,6 +334,14 @@ def test_the_data_is_checked_before_training():
         Detection(2).validate(good, _cfg("test", 2, 32))
     with pytest.raises(ValueError, match="is a classification model; the detection task trains detectors"):
         Detection(2).validate(good, ModelCfg(name="c", family="ssdlite", task="classification", num_classes=2))
+    # COCO category ids 3 and 7 are learnt as the model's classes 1 and 2: said where an SSD could mean the ids
+    from test_box_sources import _coco
+
+    coco = CocoSource(_coco(tmp_path, [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 9, 9]}]),
+                      tmp_path / "images")
+    with caplog.at_level("WARNING", logger="train"):
+        Detection(8).validate(coco, _cfg("ssdlite", 8, 32))
+    assert "not COCO category id k + 1" in caplog.text
 
 
 def test_a_run_names_coco_and_voc_folders(tmp_path):

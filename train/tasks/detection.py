@@ -219,6 +219,10 @@ class Detection(Task):
         if source.num_classes is not None and source.num_classes > self.data_classes:
             raise DataError(f"{what} data ({source.name}) has {source.num_classes} classes but the model learns "
                             f"{self.data_classes}{background}")
+        ids = tuple(getattr(source, "category_ids", ()))
+        if self.head.background and ids and ids != tuple(range(1, len(ids) + 1)) and max(ids) < self.num_classes:
+            log.warning("%s: the model's class k + 1 is the data's k-th category (in id order), not COCO category id "
+                        "k + 1 as in torchvision's COCO-trained SSD (category ids %s...)", source.name, ids[:5])
         n = min(len(source), CHECKED_BEFORE_TRAINING)
         for i in np.unique(np.linspace(0, len(source) - 1, n).astype(int)):
             try:
