@@ -364,9 +364,19 @@ def test_a_run_names_coco_and_voc_folders(tmp_path):
     assert len(open_source(str(coco), "val2017")) == 1 and has_split(str(coco), "val2017")
     with pytest.raises(DataError, match="has no split 'train2017'"):
         open_source(str(coco), "train2017")
-    _voc(tmp_path / "voc", [("dog", 0, (1, 1, 10, 20))])
-    assert open_source(str(tmp_path / "voc"), "train").example(0)["classes"].tolist() == [11]
-    assert has_split(str(tmp_path / "voc"), "train") and not has_split(str(tmp_path / "voc"), "val")
+    voc = tmp_path / "voc"
+    _voc(voc, [("dog", 0, (1, 1, 10, 20))])
+    assert open_source(str(voc), "train").example(0)["classes"].tolist() == [11]
+    assert has_split(str(voc), "train") and not has_split(str(voc), "val")
+    # a VOC devkit with masks as well opens as segmentation, unless named as boxes
+    from train.mask_sources import write_voc
+
+    write_voc(voc, [np.zeros((40, 50, 3), np.uint8)], [np.zeros((40, 50), np.uint8)], {"train": [0]})
+    assert "mask" in open_source(str(voc), "train").example(0)
+    assert open_source(f"boxes:{voc}", "train").example(0)["classes"].tolist() == [11]
+    assert has_split(f"boxes:{voc}", "train") and not has_split(f"boxes:{voc}", "val")
+    with pytest.raises(DataError, match="is in no detection layout"):
+        open_source(f"boxes:{tmp_path / 'nothing'}", "train")
 
 
 # ---- training through the loop -----------------------------------------------------------------------------------

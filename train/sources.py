@@ -1,9 +1,10 @@
 """Sources of examples: in-memory arrays, image folders (one subfolder per class), folders of images with
 segmentation masks (`train.mask_sources`) or boxes (`train.box_sources`) and tensorflow-datasets splits.
 
-`open_source` picks one from a spec string (`tfds:NAME`, `folder:PATH` or a folder path); `write_image_folder` writes
-arrays in the layout `FolderSource` reads. Examples of labelled images are `{"image": ..., "label": int}`, of segmented
-ones `{"image": ..., "mask": (H, W) class ids}`.
+`open_source` picks one from a spec string (`tfds:NAME`, `folder:PATH` or a folder path, `boxes:PATH` for a folder
+read as detection data only); `write_image_folder` writes arrays in the layout `FolderSource` reads. Examples of
+labelled images are `{"image": ..., "label": int}`, of segmented ones `{"image": ..., "mask": (H, W) class ids}`, of
+detection ones `{"image": ..., "boxes": (M, 4), "classes": (M,)}`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from PIL import Image
 from train.box_sources import has_box_split, open_box_folder
 from train.data import IMAGE_SUFFIXES, DataError, Source, split_fraction
 from train.mask_sources import has_mask_split, open_mask_folder
+
+BOXES = "boxes:"  # a spec prefix: the folder read in a detection layout only
 
 
 class ArraySource(Source):
@@ -174,7 +177,7 @@ def open_source(spec: str | Source, split: str, *, data_dir: str | None = None, 
     `class_names` (the training split's) fixes a folder's classes and their order. A folder in a segmentation layout
     (VOC's, or images/ + masks/; see `train.mask_sources`) gives images with masks; a tfds dataset does with
     `mask_key`. A folder in a detection layout (COCO's JSON or VOC's XML; see `train.box_sources`) gives images with
-    boxes and classes; a VOC folder with segmentation masks too opens as segmentation."""
+    boxes and classes; a VOC folder with segmentation masks too opens as segmentation unless named `boxes:PATH`."""
     if isinstance(spec, Source):
         return spec
     if not spec:
@@ -182,6 +185,13 @@ def open_source(spec: str | Source, split: str, *, data_dir: str | None = None, 
     if spec.startswith("tfds:"):
         return TfdsSource(spec[5:], split, data_dir=data_dir, image_key=image_key, label_key=label_key,
                           mask_key=mask_key)
+    if spec.startswith(BOXES):  # the detection layouts only (a VOC devkit holds masks as well)
+        boxed = open_box_folder(Path(spec[len(BOXES):]).expanduser(), split, class_names)
+        if boxed is None:
+            raise DataError(f"{spec[len(BOXES):]} is in no detection layout: COCO's (annotations/instances_<split>.json"
+                            ", <split>/), write_coco's (<split>/<name>.json, <split>/images/) or VOC's (Annotations/, "
+                            "JPEGImages/, ImageSets/Main/)")
+        return boxed
     root = Path(spec[7:] if spec.startswith("folder:") else spec).expanduser()
     segmented = open_mask_folder(root, split, class_names)
     if segmented is not None:
@@ -225,6 +235,8 @@ def open_data(data, seed: int, train_data=None, eval_data=None) -> tuple[Source,
 def has_split(spec: str | Source, split: str) -> bool:
     if isinstance(spec, Source) or spec.startswith("tfds:"):
         return True
+    if spec.startswith(BOXES):
+        return bool(has_box_split(Path(spec[len(BOXES):]).expanduser(), split))
     root = Path(spec[7:] if spec.startswith("folder:") else spec).expanduser()
     found = has_mask_split(root, split)
     found = has_box_split(root, split) if found is None else found
