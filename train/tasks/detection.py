@@ -176,8 +176,8 @@ class Detection(Task):
     def __init__(self, num_classes: int, *, max_boxes: int = 100, match_iou: float = 0.5,
                  neg_to_pos: int = NEG_TO_POS, atss_topk: int = 9, atss_anchor_scale: float = 5.0,
                  model_cfg=None):
-        self.num_classes, self.max_boxes, self.match_iou, self.neg_to_pos = num_classes, max_boxes, match_iou, \
-            neg_to_pos
+        self.num_classes, self.max_boxes = num_classes, max_boxes
+        self.match_iou, self.neg_to_pos = match_iou, neg_to_pos
         self.atss_topk, self.atss_anchor_scale = atss_topk, atss_anchor_scale
         self.head: _Head | None = None
         if model_cfg is not None:
