@@ -245,7 +245,8 @@ def test_the_task_adapts_a_loaded_model_and_unknown_kinds_are_named():
 
 
 def test_distillation_hands_the_wrapped_tasks_pipeline_through():
-    """The distillation wrapper trains the wrapped task: its kind, targets, transforms, collation and adaptation."""
+    """The distillation wrapper trains the wrapped task: its kind, targets, transforms, collation, adaptation and
+    host-side evaluation."""
     import zoo
     from train.distill import Distillation
     from train.tasks import Classification
@@ -256,6 +257,9 @@ def test_distillation_hands_the_wrapped_tasks_pipeline_through():
 
         def adapt(self, module, base, model_cfg):
             return {"adapted": True}
+
+        def host_evaluator(self):
+            return "host-evaluator"
 
     inner = Marked(3)
     from reference import random_variables
@@ -268,6 +272,7 @@ def test_distillation_hands_the_wrapped_tasks_pipeline_through():
     assert task.kind == inner.kind and task.target_keys == inner.target_keys
     assert task.transforms(None, teacher.cfg) == ("train-tf", "eval-tf")
     assert task.adapt(None, None, teacher.cfg) == {"adapted": True}
+    assert task.host_evaluator() == "host-evaluator"  # a detector's mAP is computed on the host
     examples = [{"image": np.zeros((4, 4, 3), np.float32), "label": i} for i in range(2)]
     batch = task.collate(examples, np.ones(2, bool), None)
     np.testing.assert_array_equal(batch["label"], [0, 1])

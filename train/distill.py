@@ -67,6 +67,9 @@ class Distillation(Task):
     def summarize(self, sums):
         return self.task.summarize(sums)
 
+    def host_evaluator(self):
+        return self.task.host_evaluator()
+
     def init_params(self, rng):
         inner = self.task.init_params(rng)
         rs = np.random.default_rng([self.seed, 0xD157])
