@@ -52,7 +52,7 @@ RELU6 = 6.0
 DEFAULT_MAX_SCALE = 16.0
 DEFAULT_DENSE_STRENGTH = 0.5
 _PROBE = 2  # images traced to find the pairs
-_SEARCH = 4  # images on which the moves that break the model are searched for
+_SEARCH = 2  # images on which the moves that break the model are searched for
 
 
 @dataclass(frozen=True)
@@ -234,27 +234,36 @@ def equalize_activations(module: nn.Module, variables: dict, data, *, max_scale:
     moves = [(p, pair_scales(p, maxima[p.norm], max_scale=max_scale, dense_strength=dense_strength)) for p in pairs]
     flat = traverse_util.flatten_dict(jax.device_get(dict(variables["params"])), sep="/")
 
-    def apply(v, xb):
-        return observer.run(v, xb)[0]
-
     def with_moves(chosen) -> dict:
         params = jax.device_put(traverse_util.unflatten_dict(_apply(flat, chosen), sep="/"))
         return {**variables, "params": params}
 
-    def outputs(v, xs) -> np.ndarray:
-        return np.concatenate([np.asarray(apply(v, xs[i:i + batch_size])) for i in range(0, len(xs), batch_size)])
+    def outputs(v, xs) -> np.ndarray:  # the observer's pass, compiled for this batch size already
+        return np.concatenate([np.asarray(observer.run(v, xs[i:i + batch_size])[0])
+                               for i in range(0, len(xs), batch_size)])
 
     bound = rtol * max(1.0, float(np.abs(ref).max()))
 
-    def keeps_outputs(chosen, n: int | None = None) -> bool:
-        """Whether the model with the moves `chosen` gives the original's outputs on the first `n` inputs."""
-        return bool(np.max(np.abs(outputs(with_moves(chosen), x[:n]) - ref[:n])) <= bound)
+    def keeps_outputs(chosen) -> bool:
+        """Whether the model with the moves `chosen` gives the original's outputs on all of `x`."""
+        return bool(np.max(np.abs(outputs(with_moves(chosen), x) - ref)) <= bound)
+
+    # The search runs the plain forward (no observed outputs) on `_SEARCH` inputs: a pass of a few milliseconds of
+    # arithmetic, where the observer's on a whole batch costs ~0.5 s (FBNet-C at 128x128: 25 s of search -> 5 s).
+    forward = jax.jit(lambda v, xb: module.apply(v, xb, train=False))
+    probe = x[:_SEARCH]
+    probe_ref: list[np.ndarray] = []  # computed when a search starts
+
+    def keeps_probe(chosen) -> bool:
+        if not probe_ref:
+            probe_ref.append(np.asarray(forward(variables, probe)))
+        return bool(np.max(np.abs(np.asarray(forward(with_moves(chosen), probe)) - probe_ref[0])) <= bound)
 
     def acceptable(chosen) -> list:
         """The moves of `chosen` that keep the outputs, found by halving on a few inputs (a move that breaks the
         model, its activation read elsewhere, breaks it on any input): a passing group is kept whole, a failing one
         split, so k breaking moves among n cost ~2k log2(n) small passes instead of n full ones."""
-        if keeps_outputs(chosen, _SEARCH):
+        if keeps_probe(chosen):
             return list(chosen)
         if len(chosen) == 1:
             return []

@@ -92,11 +92,16 @@ def _reference(module, variables, x, fn=model_forward):
 
 
 def _reference_float64(module, variables, xs: tuple, fn=model_forward):
-    """The JAX outputs computed in float64 throughout (a yardstick for fp32 rounding; compiled only when needed)."""
+    """The JAX outputs computed in float64 throughout (a yardstick for fp32 rounding; compiled only when needed).
+    Depthwise convolutions as shifted slices on CPU: XLA:CPU has no fast float64 kernel for the native grouped
+    convolution (~100x slower; EfficientViT-M0 at 128x128: 20 s), and the formulations compute the same function."""
     import jax
     import jax.numpy as jnp
 
-    with jax.enable_x64(True):
+    from zoo.layers.conv import depthwise_impl, resolved_depthwise_impl
+
+    impl = "shifted" if jax.default_backend() == "cpu" else resolved_depthwise_impl()
+    with jax.enable_x64(True), depthwise_impl(impl):
         v64 = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float64) if np.issubdtype(np.asarray(a).dtype,
                                                                                               np.floating) else a,
                                           variables))
