@@ -139,7 +139,11 @@ def border_heavy_stages(module, variables, data, ratio: float = AUTO_RATIO) -> s
                                 and name == "__call__", mutable=["intermediates"])
         return state.get("intermediates", {})  # none: no inverted-residual block
 
-    captured = jax.jit(run)(variables, jnp.asarray(data[:AUTO_INPUTS]))
+    run = jax.jit(run)
+    x = jnp.asarray(data[:AUTO_INPUTS])
+    if not jax.tree_util.tree_leaves(run.eval_shape(variables, x)):
+        return None  # no inverted-residual block: known from the trace, without compiling or running the model
+    captured = run(variables, x)
     top: dict[str, float] = {}
     rest: dict[str, float] = {}
     for path, y in jax.tree_util.tree_flatten_with_path(captured)[0]:
