@@ -61,6 +61,9 @@ class DataConfig:
     hflip: bool = True
     randaugment_ops: int = 0  # RandAugment N (0: off)
     randaugment_magnitude: int = 9  # RandAugment M, 0..30 (timm scale)
+    # detection: "ssd" (photometric distortion, zoom-out, IoU crop: train.box_augment) in place of the random resized
+    # crop; "" off
+    box_augment: str = ""
     workers: int = 2  # host threads that decode and augment
     prefetch: int = 2  # batches prepared ahead of the device
 

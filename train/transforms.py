@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from train.augment import PHOTOMETRIC_OPS, RANDAUGMENT_OPS, randaugment, rrc_box
+from train.box_augment import augment as augment_boxes, check_recipe
 from train.data import DataError, channel_message
 
 MASK_IGNORE = 255  # mask value of pixels that carry no label (padding), skipped by segmentation losses
@@ -130,8 +131,9 @@ def _mask_op(mask: np.ndarray, op) -> np.ndarray:
 class Transform:
     """Decode, (augment,) resize and normalize one example: `transform(example, rng) -> example`.
 
-    Training (`train=True`): random-resized-crop (or a plain resize), horizontal flip, RandAugment (its photometric
-    ops only when the example carries boxes or a mask, which the affine ops would not move). Evaluation: `eval_resize`
+    Training (`train=True`): random-resized-crop (or a plain resize; or the detection recipe `box_augment` of
+    `train.box_augment`, then a resize), horizontal flip, RandAugment (its photometric ops only when the example
+    carries boxes or a mask, which the affine ops would not move). Evaluation: `eval_resize`
     "center_crop" (resize and centre crop by `crop_pct`, as `zoo.Model.predict`; 1.0 resizes the whole image) or
     "letterbox" (keep the aspect ratio, fit inside `size`, pad bottom and right). `required` names the targets every
     example must carry. Given a bare image instead of an example, returns the transformed image array.
@@ -153,12 +155,15 @@ class Transform:
     randaugment_magnitude: float = 9.0
     eval_resize: str = "center_crop"
     required: tuple[str, ...] = ()
+    box_augment: str = ""  # a recipe of train.box_augment.RECIPES, in place of the random resized crop
 
     def __post_init__(self):
         if self.eval_resize not in ("center_crop", "letterbox"):
             raise ValueError(f"eval_resize must be 'center_crop' or 'letterbox', not '{self.eval_resize}'")
         if self.interpolation not in RESAMPLE:
             raise ValueError(f"interpolation must be one of {', '.join(RESAMPLE)}, not '{self.interpolation}'")
+        if self.box_augment:
+            check_recipe(self.box_augment)
 
     def __call__(self, example, rng: np.random.Generator | None):
         if not isinstance(example, Mapping):
@@ -174,7 +179,9 @@ class Transform:
         resample = RESAMPLE[self.interpolation]
         padded_to = None
         if self.train:
-            if self.random_resized_crop:
+            if self.box_augment:  # its IoU crop is the crop; the whole result is resized to the input
+                ex = resize(augment_boxes(ex, self.box_augment, rng, fill=self.mean), self.size, resample)
+            elif self.random_resized_crop:
                 w, h = ex["image"].size
                 ex = crop_resize(ex, rrc_box(w, h, rng, self.rrc_scale, self.rrc_ratio), self.size, resample)
             else:
@@ -227,11 +234,14 @@ class Transform:
 def transforms_for(data, model_cfg, *, required: tuple[str, ...] = (),
                    eval_resize: str = "center_crop") -> tuple[Transform, Transform]:
     """(train, eval) transforms from a run's `DataConfig` and a model's input settings (`ModelCfg`)."""
+    if data.box_augment and "boxes" not in required:
+        raise DataError(f"data.box_augment='{data.box_augment}' augments detection data, and this task's examples "
+                        "carry no boxes: set data.box_augment='' or train with task.kind=detection")
     train = Transform(size=tuple(model_cfg.input_size), mean=tuple(model_cfg.mean), std=tuple(model_cfg.std),
                       channels=model_cfg.in_chans, train=True,
                       interpolation=data.interpolation or model_cfg.interpolation, crop_pct=model_cfg.crop_pct,
                       gray_to_rgb=data.gray_to_rgb, random_resized_crop=data.random_resized_crop,
                       rrc_scale=tuple(data.rrc_scale), rrc_ratio=tuple(data.rrc_ratio), hflip=data.hflip,
                       randaugment_ops=data.randaugment_ops, randaugment_magnitude=data.randaugment_magnitude,
-                      eval_resize=eval_resize, required=tuple(required))
+                      eval_resize=eval_resize, required=tuple(required), box_augment=data.box_augment)
     return train, dataclasses.replace(train, train=False, crop_pct=data.eval_crop_pct or model_cfg.crop_pct)
