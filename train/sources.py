@@ -1,5 +1,6 @@
 """Sources of examples: in-memory arrays, image folders (one subfolder per class), folders of images with
-segmentation masks (`train.mask_sources`) or boxes (`train.box_sources`) and tensorflow-datasets splits.
+segmentation masks (`train.mask_sources`) or boxes (`train.box_sources`) and tensorflow-datasets splits (detection
+ones, whose `objects` hold boxes, by `train.tfds_boxes`).
 
 `open_source` picks one from a spec string (`tfds:NAME`, `folder:PATH` or a folder path, `boxes:PATH` for a folder
 read as detection data only); `write_image_folder` writes arrays in the layout `FolderSource` reads. Examples of
@@ -19,6 +20,7 @@ from PIL import Image
 from train.box_sources import has_box_split, open_box_folder
 from train.data import IMAGE_SUFFIXES, DataError, Source, split_fraction
 from train.mask_sources import has_mask_split, open_mask_folder
+from train.tfds_boxes import TfdsBoxSource, is_detection_dataset
 
 BOXES = "boxes:"  # a spec prefix: the folder read in a detection layout only
 
@@ -177,12 +179,16 @@ def open_source(spec: str | Source, split: str, *, data_dir: str | None = None, 
     `class_names` (the training split's) fixes a folder's classes and their order. A folder in a segmentation layout
     (VOC's, or images/ + masks/; see `train.mask_sources`) gives images with masks; a tfds dataset does with
     `mask_key`. A folder in a detection layout (COCO's JSON or VOC's XML; see `train.box_sources`) gives images with
-    boxes and classes; a VOC folder with segmentation masks too opens as segmentation unless named `boxes:PATH`."""
+    boxes and classes; a VOC folder with segmentation masks too opens as segmentation unless named `boxes:PATH`. A
+    tfds dataset without a `label_key` feature whose `objects` hold boxes (coco/2017, voc/2007) gives boxes and
+    classes (`train.tfds_boxes`)."""
     if isinstance(spec, Source):
         return spec
     if not spec:
         raise DataError("no training data: set data.source (tfds:NAME, folder:PATH) or pass arrays")
     if spec.startswith("tfds:"):
+        if mask_key is None and _tfds_detection(spec[5:], label_key, data_dir):  # coco/2017, voc/2007, ...
+            return TfdsBoxSource(spec[5:], split, data_dir=data_dir, image_key=image_key)
         return TfdsSource(spec[5:], split, data_dir=data_dir, image_key=image_key, label_key=label_key,
                           mask_key=mask_key)
     if spec.startswith(BOXES):  # the detection layouts only (a VOC devkit holds masks as well)
@@ -202,6 +208,12 @@ def open_source(spec: str | Source, split: str, *, data_dir: str | None = None, 
     if (root / split).is_dir():
         return FolderSource(root / split, class_names=class_names)
     return FolderSource(root, class_names=class_names)
+
+
+def _tfds_detection(name: str, label_key: str, data_dir: str | None) -> bool:
+    import tensorflow_datasets as tfds
+
+    return is_detection_dataset(tfds.builder(name, data_dir=data_dir).info.features, label_key)
 
 
 def as_source(data, name: str) -> Source | None:
