@@ -127,6 +127,9 @@ def test_zoom_out_shifts_boxes_by_the_offset_onto_a_mean_filled_canvas(dtype):
     assert max(sides) > 2.5  # the canvas does grow, up to 4x
     zoomed = sum(ba.zoom_out(ex, np.random.default_rng(s), MEAN)["image"] is not image for s in range(200))
     assert 70 <= zoomed <= 130  # p = 0.5
+    # a 1-channel image gets the mean colour's gray (torchvision's grayscale weights: 117 of 255)
+    gray = ba.zoom_out({**ex, "image": _scene(40, 50)["image"][..., 0]}, np.random.default_rng(0), MEAN, p=1.0)["image"]
+    assert gray.ndim == 2 and (gray == 117).sum() == gray.size - 40 * 50
 
 
 @pytest.mark.parametrize("kind", ["uint8", "float32", "pil", "gray"])

@@ -93,7 +93,8 @@ def zoom_out(ex: dict, rng: np.random.Generator, fill, *, side=(1.0, 4.0), p: fl
     cw, ch = int(w * r), int(h * r)
     u = rng.random(2)
     left, top = int((cw - w) * u[0]), int((ch - h) * u[1])
-    colour = np.broadcast_to(np.asarray(fill, np.float64) * bound, (c,))
+    colour = np.asarray(fill, np.float64).reshape(-1)
+    colour = np.broadcast_to((colour @ _GRAY if c == 1 and colour.size == 3 else colour) * bound, (c,))
     canvas = np.empty((ch, cw, c), arr.dtype)
     canvas[...] = np.round(colour) if bound == 255.0 else colour
     canvas[top:top + h, left:left + w] = arr
@@ -126,11 +127,13 @@ def photometric_distort(ex: dict, rng: np.random.Generator, *, brightness=(0.875
     """Brightness, contrast (before or after the colour steps, evenly), saturation, hue and a permutation of the
     channels, each with probability `p`, factors uniform in their ranges; the boxes are left as they are. Saturation
     and hue leave a 1-channel image unchanged."""
-    r = rng.random(7)
-    contrast_first = r[1] < 0.5
-    steps = [("brightness", r[0]), ("contrast", r[2] if contrast_first else 2.0), ("saturation", r[3]),
-             ("hue", r[4]), ("contrast", 2.0 if contrast_first else r[5]), ("permute", r[6])]
-    steps = [name for name, u in steps if u < p]
+    # one uniform per step, drawn together as torchvision does; "order" puts contrast before or after the colour steps
+    u = dict(zip(("brightness", "order", "contrast_early", "saturation", "hue", "contrast_late", "permute"),
+                 rng.random(7)))
+    early = u["order"] < 0.5
+    steps = ("brightness", "contrast_early" if early else None, "saturation", "hue", None if early else "contrast_late",
+             "permute")
+    steps = [name for name in steps if name and u[name] < p]
     if not steps:
         return ex
     arr, bound, back = _as_array(ex["image"])
@@ -139,7 +142,7 @@ def photometric_distort(ex: dict, rng: np.random.Generator, *, brightness=(0.875
     for name in steps:
         if name == "brightness":
             x = np.clip(x * rng.uniform(*brightness), 0, 1)
-        elif name == "contrast":
+        elif name.startswith("contrast"):
             f = rng.uniform(*contrast)
             x = np.clip(f * x + (1 - f) * _gray(x).mean(), 0, 1)
         elif name == "saturation":
