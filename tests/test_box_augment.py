@@ -4,6 +4,7 @@ deterministic under a seed; and the recipe refuses data without boxes. Numpy onl
 
 from __future__ import annotations
 
+import colorsys
 from types import SimpleNamespace
 
 import numpy as np
@@ -171,6 +172,15 @@ def test_photometric_ranges():
     assert min(values) >= round(128 * 0.875) and max(values) <= round(128 * 1.125)
     assert 70 <= sum(v != 128 for v in values) <= 130
     assert max(values) - min(values) >= 25  # the factors spread over the range
+
+
+def test_hue_shift_is_colorsys_hsv_rotation():
+    x = np.random.default_rng(0).random((12, 12, 3)).astype(np.float32)
+    x[0, 0], x[0, 1], x[0, 2] = 0.4, 0.0, (1.0, 1.0, 0.2)  # gray, black, two channels at the maximum
+    for shift in (0.05, -0.03, 0.5):
+        expected = [colorsys.hsv_to_rgb((h + shift) % 1.0, s, v)
+                    for h, s, v in (colorsys.rgb_to_hsv(*p) for p in x.reshape(-1, 3).astype(float))]
+        np.testing.assert_allclose(ba._shift_hue(x, shift).reshape(-1, 3), expected, atol=1e-5)
 
 
 def test_recipe_is_deterministic_under_a_seed():

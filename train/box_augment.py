@@ -107,19 +107,16 @@ def _gray(x: np.ndarray) -> np.ndarray:
 
 
 def _shift_hue(x: np.ndarray, shift: float) -> np.ndarray:
-    """RGB in [0, 1] with the hue (HSV, in turns) moved by `shift`; grays stay gray."""
-    v, low = x.max(-1), x.min(-1)
-    delta = v - low
-    s = np.where(v > 0, delta / np.where(v > 0, v, 1), 0)
-    d = np.where(delta > 0, delta, 1)
-    r, g, b = ((v - x[..., i]) / d for i in range(3))
-    hue = np.where(x[..., 0] == v, b - g, np.where(x[..., 1] == v, 2 + r - b, 4 + g - r))
-    hue = ((np.where(delta > 0, hue / 6, 0) + shift) % 1.0) * 6
-    sector = np.floor(hue).astype(np.int32) % 6
-    f = hue - np.floor(hue)
-    p_, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    channels = [(v, q, p_, p_, t, v), (t, v, v, q, p_, p_), (p_, p_, t, v, v, q)]
-    return np.stack([np.choose(sector, c) for c in channels], -1)
+    """RGB in [0, 1] with the hue (HSV, in turns) moved by `shift`; grays stay gray. HSV back to RGB by the closed
+    form: channel n in (5, 3, 1) of R, G, B is V - (V - min) * clip(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6."""
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v = np.maximum(np.maximum(r, g), b)  # (not x.max(-1): numpy reduces a last axis of 3 slowly)
+    delta = v - np.minimum(np.minimum(r, g), b)
+    d = np.maximum(delta, np.float32(1e-12))  # a gray pixel has delta 0: any hue, it stays gray
+    sextant = np.where(r == v, (g - b) / d, np.where(g == v, 2 + (b - r) / d, 4 + (r - g) / d))
+    k = sextant[..., None] + np.float32(6 * shift) + np.float32([5, 3, 1])
+    k -= 6 * np.floor(k * np.float32(1 / 6))  # mod 6
+    return v[..., None] - delta[..., None] * np.clip(np.minimum(k, 4 - k), 0, 1)
 
 
 def photometric_distort(ex: dict, rng: np.random.Generator, *, brightness=(0.875, 1.125), contrast=(0.5, 1.5),
