@@ -52,8 +52,9 @@ def iou_crop(ex: dict, rng: np.random.Generator, *, scale=(0.3, 1.0), ratio=(0.5
     centre it contains has IoU >= a minimum drawn from `options`; those boxes are kept, clipped to the crop.
 
     Per round a minimum is drawn (None: the example is returned as it is); `trials` crops are sampled for it, and when
-    none qualifies a new round draws again. A qualifying crop holds a box's centre, so boxes never all vanish; an
-    example without boxes is returned as it is (no crop can qualify)."""
+    none qualifies a new round draws again (so `options` without None and a minimum no crop meets would never end, as
+    in torchvision). A qualifying crop holds a box's centre, so boxes never all vanish; an example without boxes is
+    returned as it is (no crop can qualify)."""
     boxes = np.asarray(ex["boxes"], np.float32).reshape(-1, 4)
     if not len(boxes):
         return ex
@@ -150,7 +151,6 @@ def photometric_distort(ex: dict, rng: np.random.Generator, *, brightness=(0.875
             x = _shift_hue(x, shift) if color else x
         else:
             x = x[..., rng.permutation(x.shape[-1])]
-    x = x.astype(np.float32)
     out = np.rint(x * bound).astype(arr.dtype) if bound == 255.0 else x.astype(arr.dtype)
     return {**ex, "image": back(out)}
 
@@ -169,7 +169,7 @@ def check_recipe(name: str) -> None:
 
 def augment(ex: dict, recipe: str, rng: np.random.Generator, *, fill) -> dict:
     """The steps of `RECIPES[recipe]` applied to a detection example; `fill` is the zoom-out canvas colour (the
-    normalization mean, in [0, 1], so that the canvas normalizes to 0 as padding does)."""
+    normalization mean, in [0, 1], so that the canvas normalizes to about 0, as padding does)."""
     check_recipe(recipe)
     if "boxes" not in ex or "mask" in ex:
         has = ", ".join(sorted(ex)) or "nothing"
