@@ -3,9 +3,9 @@
 Three methods, all per tensor:
 - "minmax": the observed minimum and maximum (what the TFLite converter calibrates). One outlier stretches the int8
   step for every other value. The converter's calibrator (TF 2.21) also records, for a tensor that an ADD overwrites
-  in place, the sum's range: in MobileNetV2 each block's projection output (before the residual add) gets the range of
-  the residual stream, -8.7..9.6 where the tensor itself spans -4.9..5.0 (measured against the JAX model's
-  intermediates). The other methods start from those ranges and never widen them.
+  in place, the sum's range: in MobileNetV2 (random weights, 128x128) a block's projection output (before the
+  residual add) gets the residual stream's range, -8.7..9.6, where the tensor itself spans -4.9..5.0 (measured
+  against the JAX model's intermediates). The other methods start from those ranges and never widen them.
 - "percentile": each tail clipped at a percentile of the observed values (99.99 by default: 1 in 10,000 values
   saturates). A tail that does not cross zero stays at zero (ReLU outputs keep min 0).
 - "mse": the range [a, b] that minimizes the expected int8 quantize-dequantize error of the observed values,
