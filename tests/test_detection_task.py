@@ -453,3 +453,37 @@ def test_a_tiny_anchor_free_detector_trains_through_fit(tmp_path, mnist5k):
     # train.evaluate on the folder, without naming a task, takes the model's own: the same mAP
     again = train.evaluate(result.model, f"folder:{tmp_path / 'digits'}", split="val", batch_size=16)
     assert again["map"] == pytest.approx(after["map"], abs=1e-6) and "accuracy" not in again
+
+
+def test_backbone_weights_start_a_detector_from_a_pretrained_classifier(monkeypatch):
+    """`model.backbone_weights`: the classifier's weights in every module the detector shares with it by name, the
+    detector's own head as freshly initialized; a backbone of another shape and a second initialization are refused."""
+    import zoo
+    from flax import traverse_util
+    from train.loop import build_model, task_of
+    from zoo.weights.errors import WeightsMismatchError
+
+    monkeypatch.setenv("ZOO_OFFLINE", "1")  # mobilenet_v2's and lite0's ImageNet weights install offline
+    cfg = train.TrainConfig(progress=False)
+    cfg.model.name, cfg.model.pretrained = "gfl_lite320_mobilenetv2_100", False
+    cfg.task = DetectionConfig()
+    plain = build_model(cfg, 3, task_of(cfg, 3))
+    cfg.model.backbone_weights = "mobilenet_v2"
+    model = build_model(cfg, 3, task_of(cfg, 3))
+    imagenet = traverse_util.flatten_dict(zoo.load("mobilenet_v2", progress=False).variables, sep="/")
+    got = traverse_util.flatten_dict(model.variables, sep="/")
+    fresh = traverse_util.flatten_dict(plain.variables, sep="/")
+    backbone = [k for k in got if k.split("/")[1] != "det"]
+    assert backbone and all(k in imagenet for k in backbone)
+    for k in backbone:
+        np.testing.assert_array_equal(got[k], imagenet[k])
+    assert not np.array_equal(got["params/stem/conv/kernel"], fresh["params/stem/conv/kernel"])
+    for k in got:
+        if k.split("/")[1] == "det":
+            np.testing.assert_array_equal(got[k], fresh[k])
+    cfg.model.backbone_weights = "tf_efficientnet_lite0"  # the same module names, other shapes
+    with pytest.raises(WeightsMismatchError):
+        build_model(cfg, 3, task_of(cfg, 3))
+    cfg.model.init_from = "runs/earlier"
+    with pytest.raises(train.ConfigError, match="init_from and model.backbone_weights both"):
+        build_model(cfg, 3, task_of(cfg, 3))

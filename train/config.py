@@ -34,6 +34,9 @@ class ModelConfig:
     drop_path_rate: float | None = None  # stochastic depth; None keeps the model's default
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (parameters and optimizer stay float32)
     init_from: str | None = None  # a previous run's workdir whose weights initialize this run
+    # a pretrained classifier of the zoo (e.g. "mobilenet_v2") whose weights initialize the modules a task model shares
+    # with it by name (a detector's or segmenter's backbone); the heads start fresh (train.backbone_init)
+    backbone_weights: str | None = None
     # further zoo.create_model keyword arguments of the family, as JSON: model.kwargs='{"deploy": false}'
     kwargs: dict[str, Any] = field(default_factory=dict)
 

@@ -94,13 +94,12 @@ def digits_gfl_lite() -> TrainConfig:
     written as COCO JSON (10 digit classes), the backbone from torchvision's ImageNet MobileNetV2, neck and head from
     scratch; stem and stages 0-2 frozen.
 
-    Command:  notebooks/04_detection.ipynb runs it: it writes the canvases (`digit_canvases` of `mnist5k`, 3,000 train
-              / 300 val, 64x64, seeds 0 / 1) with `train.box_sources.write_coco` to DIR/train and DIR/val, builds
-              the model with `zoo.load(NAME, pretrained=False, num_classes=10)`, puts `zoo.load("mobilenet_v2")`'s
-              weights into its backbone (`with_backbone_weights(..., heads=("det",))`) and calls
-              `train.fit(cfg, model=model)` with `cfg.data.source = "folder:DIR"`. From the command line (the
-              backbone then starts from random weights; not measured):
-              zoo train --config digits_gfl_lite --data folder:DIR
+    Command:  zoo train --config digits_gfl_lite --data folder:DIR
+              with DIR/train and DIR/val the canvases (`digit_canvases` of `mnist5k`, 3,000 train / 300 val, 64x64,
+              seeds 0 / 1) written by `train.box_sources.write_coco`; `model.backbone_weights` puts
+              `zoo.load("mobilenet_v2")`'s weights into the backbone. Measured through notebooks/04_detection.ipynb,
+              which writes the canvases and does the same by hand (`with_backbone_weights(..., heads=("det",))`,
+              then `train.fit(cfg, model=model)`).
     Hardware: 2 CPU cores (AMD EPYC), no accelerator, shared with other work.
     Time:     measured 6.8 min: 600 steps of 32 canvases at 53-69 images/s, the rest loading the weights, compiling the
               step and three evaluations; writing the canvases took ~10 s.
@@ -108,7 +107,8 @@ def digits_gfl_lite() -> TrainConfig:
               steps 200 / 400); the notebook's fp32 TFLite file scores the same, its dynamic-range file 0.428.
     """
     cfg = TrainConfig(workdir="runs/digits_gfl_lite", steps=600, eval_every=200, log_every=50)
-    cfg.model.name, cfg.model.pretrained = "gfl_lite320_mobilenetv2_100", False  # backbone weights: see Command
+    cfg.model.name, cfg.model.pretrained = "gfl_lite320_mobilenetv2_100", False
+    cfg.model.backbone_weights = "mobilenet_v2"  # torchvision's ImageNet weights (installed offline)
     cfg.task = DetectionConfig(max_boxes=4)  # a canvas holds at most 3 digits
     cfg.data.eval_split = "val"
     cfg.data.image_size = 64

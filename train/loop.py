@@ -1,7 +1,7 @@
 """The training loop: `fit(config)` fine-tunes (or trains, or distills into) any zoo model and returns the result.
 
 Order of initialization: an existing checkpoint in the workdir (resume), else `model.init_from` (a previous run), else
-the pretrained weights, else a random init. All checks of the data, the model and the config run before the first
+the pretrained weights, else a random init (with `model.backbone_weights`, a pretrained classifier's backbone in it). All checks of the data, the model and the config run before the first
 step. The loop itself only moves batches, calls the jitted step, and reports; what the task is never matters here.
 """
 
@@ -25,6 +25,7 @@ import numpy as np
 import zoo
 from train import compression as compress_cfg
 from train import parallel
+from train.backbone_init import with_pretrained_backbone
 from train.checkpoint import Checkpoints, CheckpointError, abstract, check_compatible
 from train.config import ConfigError, TrainConfig, from_dict, to_dict
 from train.data import DataError, Loader, Source
@@ -111,6 +112,9 @@ def build_model(cfg: TrainConfig, num_classes: int, task: Task) -> zoo.Model:
     randomly."""
     m = cfg.model
     overrides = _overrides(m)
+    if m.init_from and m.backbone_weights:
+        raise ConfigError(f"model.init_from and model.backbone_weights both initialize the model; keep one (init_from="
+                          f"{m.init_from}, backbone_weights={m.backbone_weights})")
     if m.init_from:
         base = load_run(m.init_from, which="latest", ema=True)
         arch = compress_cfg.architecture(base)  # a pruned run: its own channel widths
@@ -124,8 +128,14 @@ def build_model(cfg: TrainConfig, num_classes: int, task: Task) -> zoo.Model:
                                       **overrides)
         model_cfg = base.cfg.replace(num_classes=num_classes)
         return zoo.Model(module, task.adapt(module, base, model_cfg), model_cfg)
-    return zoo.load(m.name, pretrained=m.pretrained or m.weights is not None, num_classes=num_classes,
-                    in_chans=m.in_chans, weights=m.weights, seed=cfg.seed, progress=cfg.progress, **overrides)
+    model = zoo.load(m.name, pretrained=m.pretrained or m.weights is not None, num_classes=num_classes,
+                     in_chans=m.in_chans, weights=m.weights, seed=cfg.seed, progress=cfg.progress, **overrides)
+    if m.backbone_weights:
+        try:
+            model = with_pretrained_backbone(model, m.backbone_weights, progress=cfg.progress)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return model
 
 
 def task_of(cfg: TrainConfig, num_classes: int) -> Task:
