@@ -3,7 +3,7 @@ SSDLite under one training budget, and the two zoo detectors exported to fp32 an
 COCO mAP beside its float model's.
 
     ZOO_OFFLINE=1 python bench/detection.py                         # 300 steps a model, ~16 min on 2 cores
-    ZOO_OFFLINE=1 python bench/detection.py --quick                 # ~3 min: 5 steps, tiny splits, short timings
+    ZOO_OFFLINE=1 python bench/detection.py --quick                 # ~3.5 min: 5 steps, tiny splits, short timings
     ZOO_OFFLINE=1 python bench/detection.py --steps 150 --torch-threads 1            # CPUs shared
     ZOO_OFFLINE=1 python bench/detection.py --gfl gfl_lite320_mobilenetv2_100 --res 96
 
