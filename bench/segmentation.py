@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -41,6 +40,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
+
+from report import log, machine, steady_rate, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_CLASSES = 11  # background and the ten digits
@@ -53,10 +54,6 @@ FIELDS = ("table", "framework", "model", "init", "format", "steps", "batch", "re
           "partitions", "threads", "others_cpu")
 DEFAULTS = dict(steps=300, train=2000, val=500, calib=128, heads=",".join(HEADS))
 QUICK = dict(steps=10, train=64, val=32, calib=8, heads="")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def parse_args(argv=None):
@@ -135,12 +132,6 @@ def recipe(args, name: str, workdir: Path, root: Path):
     cfg.progress, cfg.tensorboard, cfg.plot = False, False, False
     shutil.rmtree(workdir, ignore_errors=True)
     return cfg
-
-
-def steady_rate(history) -> float | None:
-    """Training images/s of the last logged window (past compilation), from the run's metrics records."""
-    rates = [r.get("images_per_sec") for r in history if r.get("images_per_sec")]
-    return round(float(rates[-1]), 1) if rates else None
 
 
 def jax_model(args, name: str):
@@ -348,25 +339,6 @@ def training_rows(args, ours: dict, theirs: dict | None, val_n: int) -> list[dic
                      "train_img_s": theirs["img_s"], "threads": args.torch_threads,
                      "others_cpu": theirs["others_cpu"]})
     return rows
-
-
-def machine() -> str:
-    from export.latency import cpu_name
-
-    return f"{cpu_name()}, {len(os.sched_getaffinity(0))} CPUs usable, Python {platform.python_version()}"
-
-
-def versions() -> str:
-    """The framework versions the figures depend on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for pkg in ("jax", "flax", "torch", "torchvision", "tensorflow", "ai-edge-litert"):
-        try:
-            out.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            pass
-    return ", ".join(out)
 
 
 def markdown(rows, args, notes, elapsed) -> str:
