@@ -19,8 +19,9 @@ two kinds:
 Positional encoding (timm's PositionalEncodingFourier, DETR's sine encoding): at position (i, j) of an H x W map,
 y = 2 pi (i + 1) / H and x = 2 pi (j + 1) / W, each expanded to 32 features sin / cos of y / 10000^(2m / 32), the 64
 projected by a learned 1x1 conv (with bias) to the stage's width. It has no size-dependent parameters: it is computed
-for whatever map the input gives (a constant of the traced graph), so the model runs at any input size whose maps
-halve evenly, as timm's does (tests/test_edgenext.py checks a non-square input against timm).
+for whatever map the input gives (a constant of the traced graph), so the model runs at any input size from 32x32
+(odd sizes floored by each downsampling), as timm's does (tests/test_edgenext.py checks a non-square input against
+timm).
 
 No BatchNorm and no multi-branch block: the deploy form is the training form (`compress.deploy` leaves it as is).
 The XCA (`CrossCovarianceAttention`, with its temperature) is an attention layer kept float in int8 files, as the
@@ -76,14 +77,14 @@ class Stage:
 
 
 def _table(depths, dims, heads) -> tuple[Stage, ...]:
-    # the same in every variant (timm's defaults; the paper's Table 1 for EdgeNeXt-S): kernels 3-9, SDTA channel
-    # groups 2, 2, 3, 4, one SDTA block ending stages 1-3, the positional encoding in stage 1's
+    # the same in every variant (timm's defaults, the authors' configurations): kernels 3-9, SDTA channel groups 2, 2,
+    # 3, 4, one SDTA block ending stages 1-3, the positional encoding in stage 1's
     kernels, scales, sdta, pos = (3, 5, 7, 9), (2, 2, 3, 4), (0, 1, 1, 1), (False, True, False, False)
     return tuple(Stage(*args) for args in zip(depths, dims, kernels, heads, scales, sdta, pos))
 
 
-# timm's edgenext_* model_args (the paper's Table 1 gives EdgeNeXt-S; XX-S and X-S in Table 2). 256x256 input: stages
-# at 64x64, 32x32, 16x16, 8x8.
+# timm's edgenext_* model_args (the authors' configurations, github.com/mmaaz60/EdgeNeXt).
+# 256x256 input: stages at 64x64, 32x32, 16x16, 8x8.
 XX_SMALL = _table((2, 2, 6, 2), (24, 48, 88, 168), (4, 4, 4, 4))
 X_SMALL = _table((3, 3, 9, 3), (32, 64, 100, 192), (4, 4, 4, 4))
 SMALL = _table((3, 3, 9, 3), (48, 96, 160, 304), (8, 8, 8, 8))
