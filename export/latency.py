@@ -122,7 +122,7 @@ def benchmark_many(models: dict[str, str | os.PathLike | bytes], threads=(1, 2, 
     from export.ops_report import analyze
     from export.runtime import LiteRTRunner
 
-    runners, info = {}, {}
+    runners, calls, info = {}, {}, {}
     for label, model in models.items():
         content = model if isinstance(model, (bytes, bytearray)) else Path(model).read_bytes()
         q = "?"
@@ -141,10 +141,9 @@ def benchmark_many(models: dict[str, str | os.PathLike | bytes], threads=(1, 2, 
                 x = rng.integers(-100, 100, r.input_shape).astype(dtype)
             else:
                 x = rng.standard_normal(r.input_shape).astype(dtype)
-            r.interpreter.set_tensor(r.input["index"], x)
             runners[(label, int(t))] = r
+            calls[(label, int(t))] = r.prepared_call(x)
             info[(label, int(t))] = (q, len(content), r.delegate_report() if xnnpack else None)
-    calls = {k: r.interpreter.invoke for k, r in runners.items()}
     for fn in calls.values():
         for _ in range(warmup):
             fn()

@@ -132,6 +132,17 @@ def test_nms_matches_torchvision():
     indices, mask = run(boxes, scores, 0.3, 50)
     assert len(expected) > 50 and np.asarray(mask).all()
     np.testing.assert_array_equal(np.asarray(indices), expected[:50])
+    # candidates left out by `valid`, and leading batch dimensions: each row as torchvision on its own candidates
+    valid = scores > 0.5
+    both = run(np.stack([boxes, boxes[::-1]]), np.stack([scores, scores[::-1]]), 0.5, 400,
+               np.stack([classes, classes[::-1]]), np.stack([valid, valid[::-1]]))
+    for row, flip in enumerate((False, True)):
+        keep = np.flatnonzero(valid[::-1] if flip else valid)
+        b, s, c = (a[::-1] if flip else a for a in (boxes, scores, classes))
+        expected = keep[torchvision.ops.batched_nms(torch.from_numpy(b[keep].copy()), torch.from_numpy(s[keep].copy()),
+                                                    torch.from_numpy(c[keep].copy()), 0.5).numpy()]
+        indices, mask = (np.asarray(a[row]) for a in both)
+        np.testing.assert_array_equal(indices[mask], expected)
 
 
 def _twin_and_outputs(path: str) -> dict:

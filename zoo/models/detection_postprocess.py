@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.layers.boxes import SSD_BOX_WEIGHTS, clip_boxes, decode_boxes
-from zoo.layers.nms import greedy_nms_mask
+from zoo.layers.nms import greedy_nms_ordered
 
 
 @dataclass(frozen=True)
@@ -49,24 +49,25 @@ def detections(outputs, anchors: np.ndarray, image_size: tuple[int, int],
 def select_per_class(boxes, scores, settings, first_label: int = 0) -> dict:
     """Boxes (N, A, 4) and per-class scores (N, A, C) -> the detection rows (see `detections`): per class the
     `candidates_per_class` best above `score_threshold`, greedy NMS at `iou_threshold` within the class, then the
-    `max_detections` best over all classes, labels counted from `first_label`, padded to a static count."""
-    n, a, _ = scores.shape
+    `max_detections` best over all classes, labels counted from `first_label`, padded to a static count.
+
+    The classes' candidates are visited in one order by score, each suppressed only by kept boxes of its class, and
+    the visit stops at the `max_detections`-th survivor (`zoo.layers.nms`): the same rows as NMS class by class, at a
+    cost that follows the candidates scoring above the threshold."""
+    n, a, c = scores.shape
     k = min(settings.candidates_per_class, a)
     top_scores, top_anchors = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), k)  # (N, C, k), best first
-    candidates = boxes[jnp.arange(n)[:, None, None], top_anchors]  # (N, C, k, 4)
-    keep = greedy_nms_mask(candidates, top_scores > settings.score_threshold, settings.iou_threshold)
-    ranked = jnp.where(keep, top_scores, -jnp.inf).reshape(n, -1)
-    count = min(settings.max_detections, ranked.shape[1])
-    best, picked = jax.lax.top_k(ranked, count)
-    valid = best > -jnp.inf
+    candidates = boxes[jnp.arange(n)[:, None, None], top_anchors].reshape(n, c * k, 4)
+    # every class's candidates in one order by score (ties: class-major, as the per-class ranks are); a score
+    # threshold on sorted scores leaves the valid ones first, as `greedy_nms_ordered` needs
+    ordered_scores, order = jax.lax.top_k(top_scores.reshape(n, c * k), c * k)
     rows = jnp.arange(n)[:, None]
-    out = {
-        "boxes": jnp.where(valid[..., None], candidates.reshape(n, -1, 4)[rows, picked], 0.0),
-        "scores": jnp.where(valid, best, 0.0),
+    kept, valid = greedy_nms_ordered(candidates[rows, order], ordered_scores > settings.score_threshold,
+                                     settings.iou_threshold, settings.max_detections, classes=order // k)
+    picked = order[rows, kept]
+    return {
+        "boxes": jnp.where(valid[..., None], candidates[rows, picked], 0.0),
+        "scores": jnp.where(valid, ordered_scores[rows, kept], 0.0),
         "labels": jnp.where(valid, picked // k + first_label, 0).astype(jnp.int32),
         "valid": valid,
     }
-    if count < settings.max_detections:
-        out = {key: jnp.pad(v, [(0, 0), (0, settings.max_detections - count)] + [(0, 0)] * (v.ndim - 2))
-               for key, v in out.items()}
-    return out
