@@ -25,7 +25,9 @@ timm's deploy parameter count; `compress.deploy` then folds each ConvFFN BatchNo
 Parameter names mirror timm's module names (`stem_0/conv_kxk_0/conv`, `stages_1/downsample/proj_0/large_conv/bn`,
 `stages_2/blocks_3/token_mixer/mixer/conv_scale/conv`, `stages_3/pos_emb/pos_enc`, `stages_3/blocks_0/norm/bn`,
 `final_conv/se/conv_reduce`, `head/fc`); the timm key map is a few substitutions (`timm_rename`), and it maps timm's
-re-parameterized checkpoints (`reparam_conv`) onto `deploy=True` the same way. timm's LayerScale2d keeps gamma as a
+re-parameterized checkpoints (`reparam_conv`) of the RepMixer-only variants onto `deploy=True` the same way (timm's
+deploy form of the SA/MA variants keeps the attention blocks' BatchNorm statistics, which the zoo's deploy form holds
+as a scale and shift: load their training-form checkpoint and deploy it). timm's LayerScale2d keeps gamma as a
 (C, 1, 1) array; the zoo keeps that shape (`LayerScale2d`) so a checkpoint maps without reshaping.
 """
 
