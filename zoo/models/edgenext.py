@@ -5,8 +5,8 @@ Applications", arXiv:2206.10589, ECCV 2022 workshops): XX-S, X-S, S and B as tim
 A ConvNeXt-like network: a 4x4/4 patchify conv + LayerNorm stem, four stages at strides 4-32 (stages 1-3 start with
 LayerNorm + 2x2/2 conv), a pooled LayerNorm + Linear head; every LayerNorm has eps 1e-6. A stage is `depth` blocks of
 two kinds:
-- conv encoders: a k x k depthwise conv (k = 3, 5, 7, 9 in stages 0-3) -> LayerNorm -> Linear MLP (4x, GELU) ->
-  layer scale -> + input: ConvNeXt's block (`zoo.models.convnext.ConvNeXtBlock`), reused as it is.
+- conv encoders: a k x k depthwise conv (k = 3, 5, 7, 9 in stages 0-3) -> LayerNorm -> MLP (4x, GELU) -> layer
+  scale -> + input: ConvNeXt's block (`zoo.models.convnext.ConvNeXtBlock`), reused as it is.
 - SDTA encoders (split depth-wise transpose attention), the last block of stages 1-3: the channels are split into
   `scales` groups of ceil(C / scales) (the last group takes what is left, as torch's `chunk`); a 3x3 depthwise conv
   runs on the first group, and on each later group but the last after adding the previous conv's output (a cascade
@@ -22,6 +22,11 @@ projected by a learned 1x1 conv (with bias) to the stage's width. It has no size
 for whatever map the input gives (a constant of the traced graph), so the model runs at any input size from 32x32
 (odd sizes floored by each downsampling), as timm's does (tests/test_edgenext.py checks a non-square input against
 timm).
+
+The MLPs (timm's Linear `fc1`, `fc2`) are 1x1 convs here (kernels (1, 1, in, out); the converter reshapes timm's
+weights), as ConvNeXt's `conv_mlp`: the same numbers, and an int8 file folds the layer scale after `fc2` into a conv
+whose bias XNNPACK takes, where folded into a Linear it leaves a 4-D bias that XNNPACK does not take (each such
+FULLY_CONNECTED then runs on the builtin kernel, splitting the graph into partitions).
 
 No BatchNorm and no multi-branch block: the deploy form is the training form (`compress.deploy` leaves it as is).
 The XCA (`CrossCovarianceAttention`, with its temperature) is an attention layer kept float in int8 files, as the
@@ -215,7 +220,7 @@ class SdtaBlock(nn.Module):
             branch = branch * self.param("gamma_xca", nn.initializers.constant(self.ls_init_value), (c,)).astype(
                 branch.dtype)
         y = y + drop_path(branch, self.drop_path_rate, train, self)
-        y = Mlp(int(self.mlp_ratio * c), self.conv, self.dense, conv_mlp=False, name="mlp")(self.ln(name="norm")(y))
+        y = Mlp(int(self.mlp_ratio * c), self.conv, self.dense, conv_mlp=True, name="mlp")(self.ln(name="norm")(y))
         if self.ls_init_value is not None:
             y = y * self.param("gamma", nn.initializers.constant(self.ls_init_value), (c,)).astype(y.dtype)
         return x + drop_path(y, self.drop_path_rate, train, self)
@@ -230,7 +235,7 @@ kinds.register(CrossCovarianceAttention, kinds.LayerKind("attention", int8="floa
 def _make_block(kind: str, drop_path_rate: float, *, stage: Stage, conv, dense, ln, ls_init_value, dtype,
                 name: str) -> nn.Module:
     if kind == "conv":
-        return ConvNeXtBlock(conv, dense, ln, kernel=stage.kernel, mlp_ratio=MLP_RATIO, conv_mlp=False,
+        return ConvNeXtBlock(conv, dense, ln, kernel=stage.kernel, mlp_ratio=MLP_RATIO, conv_mlp=True,
                              ls_init_value=ls_init_value, drop_path_rate=drop_path_rate, name=name)
     return SdtaBlock(stage.heads, stage.scales, stage.pos_emb, conv, dense, ln, MLP_RATIO, ls_init_value,
                      drop_path_rate, dtype, name=name)
