@@ -106,7 +106,6 @@ class _JaxSegmenter:
 
     def __init__(self, name: str, weights: str | None = None, input_size=None, progress: bool = True):
         import zoo
-        from zoo.masks import dataset_labels
         from zoo.registry import get_entry
 
         entry = get_entry(name)  # an unknown name: close matches
@@ -116,7 +115,7 @@ class _JaxSegmenter:
         self.model = zoo.load(name, weights=weights, progress=progress)
         self.name = self.model.name
         self.cfg = self.model.cfg.replace(input_size=tuple(input_size)) if input_size else self.model.cfg
-        self.labels = self.model.labels or dataset_labels(self.model.pretrained)
+        self.labels = self.model.labels
 
     def masks(self, images):
         """(N, H, W) class indices at `cfg.input_size` of images (paths, PIL images or uint8 arrays)."""

@@ -128,10 +128,8 @@ def _resolve_model(model_or_module, variables, cfg, labels, name, progress):
         model_or_module = zoo.load(model_or_module, progress=progress)
     if isinstance(model_or_module, zoo.Model):
         m = model_or_module
-        from zoo.masks import dataset_labels
-
         return (m.module, m.variables if variables is None else variables, cfg or m.cfg,
-                labels if labels is not None else (m.labels or dataset_labels(m.pretrained)), name or m.name)
+                labels if labels is not None else m.labels, name or m.name)
     if not isinstance(model_or_module, nn.Module):
         raise TypeError("expected a zoo.Model, a model name or a flax linen Module, got "
                         f"{type(model_or_module).__name__}")

@@ -55,6 +55,7 @@ from export import verify
 from export.verify import SegmentationReport
 from export.weights import calibrate_batch_stats, random_variables
 from zoo import masks
+from zoo.labels import VOC_CATEGORIES, dataset_labels
 from zoo.layers.conv import depthwise_impl
 from zoo.preprocess import preprocess
 from zoo.registry import get_entry
@@ -281,10 +282,10 @@ def test_masks_map_back_onto_the_photo():
     p = masks.palette()
     assert p[0].tolist() == [0, 0, 0] and p[1].tolist() == [128, 0, 0] and p[15].tolist() == [192, 128, 128]
     photo = np.full((1, 3, 3), 100, np.uint8)
-    blended = masks.overlay(photo, np.array([[0, 1, masks.IGNORE]]), masks.VOC_CATEGORIES)
+    blended = masks.overlay(photo, np.array([[0, 1, masks.IGNORE]]), VOC_CATEGORIES)
     assert blended[0, 0].tolist() == [100] * 3 and blended[0, 1].tolist() == [114, 50, 50]  # background untouched
     assert blended[0, 2].tolist() == [50] * 3  # not seen: dimmed
     assert masks.describe(masks.class_fractions(np.array([[1, 1, 2, 255]]), 3), ("a", "b", "c")) == [
         ("b", pytest.approx(2 / 3)), ("c", pytest.approx(1 / 3))]
     pretrained = get_entry(LRASPP).pretrained_cfg(None)
-    assert masks.dataset_labels(pretrained) == masks.VOC_CATEGORIES and masks.dataset_labels(None) is None
+    assert dataset_labels(pretrained) == VOC_CATEGORIES and dataset_labels(None) is None

@@ -280,3 +280,7 @@ def test_metadata_agrees_with_torchvision():
     assert pretrained.extra == {"box_map": ref.meta["_metrics"]["COCO-val2017"]["box_map"]}
     assert zoo.model_info(NAME)["params"] == ref.meta["num_params"]
     assert entry.cfg.task == "detection" and entry.cfg.input_size == (320, 320)
+    # the labels a loaded model, `zoo detect` and the exported sidecar name its classes by: COCO's at their ids
+    model = zoo.Model(zoo.create_model(NAME), {}, entry.cfg, pretrained)
+    assert model.labels == tuple(ref.meta["categories"]) and model.labels[1] == "person"
+    assert zoo.Model(model.module, {}, entry.cfg.replace(num_classes=11), pretrained).labels is None  # retrained head

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from zoo.config import ModelCfg, PretrainedCfg, WeightSource
 from zoo.convert import flatten_variables
 from zoo.counting import count_macs, count_params
 from zoo.inputs import check_images
+from zoo.labels import dataset_labels
 from zoo.measured import tflite_latency
 from zoo.layers.conv import depthwise_impl, resolved_depthwise_impl
 from zoo.preprocess import preprocess
@@ -30,12 +30,6 @@ from zoo.weights.pretrained import load_converted
 from zoo.weights.torch_reader import load_state_dict
 
 log = logging.getLogger("zoo")
-
-
-@functools.cache
-def imagenet_labels() -> tuple[str, ...]:
-    text = resources.files("zoo").joinpath("data/imagenet_classes.txt").read_text()
-    return tuple(line for line in text.splitlines() if line)
 
 
 @dataclass(frozen=True)
@@ -53,9 +47,10 @@ class Model:
 
     @property
     def labels(self) -> tuple[str, ...] | None:
-        if self.cfg.num_classes == 1000 and (self.pretrained is None or self.pretrained.dataset == "imagenet-1k"):
-            return imagenet_labels()
-        return None
+        """The class names of its weights' dataset (`zoo.labels`), or None when they are not known or its head
+        has another number of classes."""
+        labels = dataset_labels(self.pretrained, self.cfg.num_classes)
+        return labels if labels is not None and len(labels) == self.cfg.num_classes else None
 
     @functools.cached_property
     def _apply(self):

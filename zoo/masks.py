@@ -13,20 +13,7 @@ from pathlib import Path
 import numpy as np
 
 IGNORE = 255
-# torchvision's `_VOC_CATEGORIES`: the classes of its COCO-trained segmentation weights (Pascal VOC's 20 and background)
-VOC_CATEGORIES = ("__background__", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-                  "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-                  "tvmonitor")
-_DATASET_LABELS = {"coco-voc-labels": VOC_CATEGORIES}
 _BACKGROUND = ("__background__", "background")
-
-
-def dataset_labels(pretrained) -> tuple[str, ...] | None:
-    """The class names of a segmentation checkpoint's dataset (a `PretrainedCfg`), or None when unknown."""
-    if pretrained is None:
-        return None
-    labels = _DATASET_LABELS.get(getattr(pretrained, "dataset", None))
-    return labels if labels is not None and len(labels) == pretrained.num_classes else None
 
 
 def palette(n: int = 256) -> np.ndarray:
