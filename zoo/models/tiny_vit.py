@@ -71,7 +71,8 @@ class Stage:
     window: int | None = None
 
 
-# TinyViT variants (Table 3 of arXiv:2207.10666; timm's `tiny_vit_*_224` model args), 224x224 input.
+# TinyViT variants (the paper's 5M / 11M / 21M models, arXiv:2207.10666; timm's `tiny_vit_*_224` model args), 224x224
+# input.
 TINY_VIT_5M = (
     Stage(dim=64, depth=2),  # stage 0, 56x56 in
     Stage(dim=128, depth=2, num_heads=4, window=7),  # stage 1, 56x56 in (28x28 after merging)
@@ -358,7 +359,7 @@ for _name, (_table, _weights) in VARIANTS.items():
         ModelCfg(
             name=_name, family="tiny_vit", input_size=(224, 224), interpolation="bicubic", crop_pct=0.95,
             first_conv="patch_embed/conv1/linear", classifier="head/fc", feature_info=feature_info(_table),
-            paper="arXiv:2207.10666 Table 3", twin=f"timm:{_name}",
+            paper="arXiv:2207.10666 model variants", twin=f"timm:{_name}",
         ),
         _weights,
         converters={"timm": timm_rename},
