@@ -183,7 +183,7 @@ def make_twin(twin: str, torch):
     if lib == "timm":
         import timm
 
-        model = timm.create_model(arch, pretrained=False)
+        model = timm.create_model(arch, pretrained=False, num_classes=1000)  # the zoo's ImageNet-1k head
     elif lib == "torchvision":
         import torchvision
 

@@ -62,7 +62,9 @@ def twin_model(twin: str, fused_attention: bool = True):
         before = timm_config._USE_FUSED_ATTN
         timm_config.set_fused_attn(fused_attention and bool(before))
         try:
-            model = timm.create_model(name, pretrained=False)
+            # ImageNet-1k heads, as the zoo registers every classifier: some names default to another head
+            # (tiny_vit_*_224: the 21,841 classes of its ImageNet-22k tag)
+            model = timm.create_model(name, pretrained=False, num_classes=1000)
         finally:
             timm_config._USE_FUSED_ATTN = before
     else:
