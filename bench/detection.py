@@ -364,32 +364,14 @@ def export_rows(args, trained: dict, notes: list) -> list[dict]:
 
 
 def file_latency(files: dict, args, x) -> dict:
-    """Median ms of one detection (`LiteRTRunner.run` of one validation canvas: network, decoding and NMS, XNNPACK,
-    `--threads`) per file, the files timed in interleaved rounds after 5 warm-up calls each; with the XNNPACK
-    partitions and the CPUs other processes used meanwhile. (`export.latency.benchmark_many` drives the
-    interpreter's own tensors, which a file of four named outputs runs through a signature runner instead.)"""
-    import statistics
+    """Median ms of one detection (one validation canvas: network, decoding and NMS, XNNPACK, `--threads`) per file,
+    the files timed in interleaved rounds (`export.latency.benchmark_many`), with the XNNPACK partitions and the CPUs
+    other processes used meanwhile."""
+    from export.latency import benchmark_many
 
-    from export.latency import OtherLoad, timed_rounds
-    from export.runtime import LiteRTRunner
-
-    runners = {k: LiteRTRunner(c, num_threads=args.threads) for k, c in files.items()}
-    calls = {k: (lambda r=r: r.run(x)) for k, r in runners.items()}
-    for fn in calls.values():
-        for _ in range(5):
-            fn()
-    load = OtherLoad()
-    times = timed_rounds(calls, args.runs, args.budget)
-    others = load.cpus()
-    out = {}
-    for k, ts in times.items():
-        try:
-            partitions = runners[k].delegate_report().partitions
-        except Exception:  # the report reads private interpreter details; the latency stands without it
-            partitions = None
-        out[k] = {"latency_ms": round(statistics.median(ts) * 1e3, 3), "partitions": partitions,
-                  "others_cpu": others}
-    return out
+    timed = benchmark_many(files, threads=(args.threads,), runs=args.runs, budget_s=args.budget, x=x)
+    return {t.model: {"latency_ms": t.median_ms, "partitions": t.partitions, "others_cpu": t.others_cpu}
+            for t in timed}
 
 
 def head_of(name: str) -> str:

@@ -116,8 +116,12 @@ def timed_rounds(calls: dict, runs: int, budget_s: float | None, min_rounds: int
 
 
 def benchmark_many(models: dict[str, str | os.PathLike | bytes], threads=(1, 2, 4), runs: int = 50, warmup: int = 5,
-                   budget_s: float | None = None, xnnpack: bool = True) -> list[Latency]:
-    """Latency of several .tflite models (label -> path or bytes) at each thread count, in interleaved rounds."""
+                   budget_s: float | None = None, xnnpack: bool = True, x: np.ndarray | None = None) -> list[Latency]:
+    """Latency of several .tflite models (label -> path or bytes) at each thread count, in interleaved rounds.
+
+    x: one model-sized float batch every model runs on (quantized for int8 inputs); default random values. A
+    classifier's time does not depend on them; a detector's NMS does (it visits the candidates above its score
+    threshold), so time a detector on a real image."""
     from export.metadata import read
     from export.ops_report import analyze
     from export.runtime import LiteRTRunner
@@ -135,14 +139,16 @@ def benchmark_many(models: dict[str, str | os.PathLike | bytes], threads=(1, 2, 
             q = _guess_quantization(analyze(content))
         for t in threads:
             r = LiteRTRunner(content, num_threads=int(t), xnnpack=xnnpack)
-            rng = np.random.default_rng(0)
-            dtype = r.input["dtype"]
-            if np.issubdtype(dtype, np.integer):
-                x = rng.integers(-100, 100, r.input_shape).astype(dtype)
+            if x is not None:
+                if tuple(np.shape(x)) != r.input_shape:
+                    raise ValueError(f"the input x has shape {tuple(np.shape(x))}; {label} takes {r.input_shape}")
+                feed = r.quantize_input(np.asarray(x, np.float32))
+            elif np.issubdtype(r.input["dtype"], np.integer):
+                feed = np.random.default_rng(0).integers(-100, 100, r.input_shape).astype(r.input["dtype"])
             else:
-                x = rng.standard_normal(r.input_shape).astype(dtype)
+                feed = np.random.default_rng(0).standard_normal(r.input_shape).astype(r.input["dtype"])
             runners[(label, int(t))] = r
-            calls[(label, int(t))] = r.prepared_call(x)
+            calls[(label, int(t))] = r.prepared_call(feed)
             info[(label, int(t))] = (q, len(content), r.delegate_report() if xnnpack else None)
     for fn in calls.values():
         for _ in range(warmup):

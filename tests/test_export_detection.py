@@ -94,14 +94,19 @@ def test_fp32_file_matches_every_jax_detection(ssd_fp32):
     assert res.delegate.partitions <= 4
 
 
-def test_latency_benchmark_runs_a_detection_file(ssd_fp32):
+def test_latency_benchmark_runs_a_detection_file(ssd, ssd_fp32):
     """A file with several outputs runs through its signature runner, which holds the interpreter: the benchmark
-    times calls through it (the interpreter's own invoke refuses to run while the runner holds it)."""
+    times calls through it (the interpreter's own invoke refuses to run while the runner holds it), on a photo crop
+    (a detector's NMS time depends on the image) and on random values."""
     from export.latency import benchmark_many
 
-    (lat,) = benchmark_many({"ssd": ssd_fp32.path}, threads=(1,), runs=2, warmup=1)
-    assert lat.model == "ssd" and lat.quantization == "fp32" and lat.runs == 2 and lat.median_ms > 0
-    assert lat.partitions == ssd_fp32.delegate.partitions
+    crop = ssd[3][:1]
+    for x in (crop, None):
+        (lat,) = benchmark_many({"ssd": ssd_fp32.path}, threads=(1,), runs=2, warmup=1, x=x)
+        assert lat.model == "ssd" and lat.quantization == "fp32" and lat.runs == 2 and lat.median_ms > 0
+        assert lat.partitions == ssd_fp32.delegate.partitions
+    with pytest.raises(ValueError, match=r"shape \(1, 64, 128, 3\); ssd takes \(1, 128, 128, 3\)"):
+        benchmark_many({"ssd": ssd_fp32.path}, threads=(1,), runs=1, warmup=0, x=crop[:, :64])
 
 
 def test_dynamic_file_matches_most_detections(ssd):
