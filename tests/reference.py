@@ -169,6 +169,24 @@ def scale_classifier_to_trained_spread(model, x_nchw, target_std: float = 3.0, l
         linears[-1].bias.mul_(target_std / std)
 
 
+def converted_timm_twin(twin, name: str, x: np.ndarray, folder: Path):
+    """(zoo model, timm logits, timm stage maps NHWC): a timm module's outputs on the NHWC images `x` (its
+    `forward_intermediates` stages), and zoo model `name` loaded from its state dict through a file in `folder` (the
+    path a user's timm checkpoint takes)."""
+    import torch
+
+    import zoo
+
+    x_nchw = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    with torch.inference_mode():
+        logits = twin(x_nchw).numpy()
+        _, stages = twin.forward_intermediates(x_nchw)
+    path = Path(folder) / "twin.pth"
+    torch.save(twin.state_dict(), path)
+    model = zoo.load(name, weights=str(path), layout="timm", progress=False)
+    return model, logits, [s.numpy().transpose(0, 2, 3, 1) for s in stages]
+
+
 def random_images(n: int, hw: tuple[int, int], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *hw, 3)).astype(np.float32)
 

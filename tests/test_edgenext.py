@@ -18,7 +18,7 @@ from compress.deploy import deploy
 from zoo.layers.conv import depthwise_impl
 from zoo.models.edgenext import VARIANTS, fourier_position_features, split_widths, timm_rename
 
-from reference import random_images, random_variables
+from reference import converted_timm_twin, random_images, random_variables
 
 HW = (64, 96)  # maps 16x24, 8x12 (the positional encoding's), 4x6, 2x3
 
@@ -56,15 +56,9 @@ def converted(tmp_path_factory):
     twin = twin_model("timm:edgenext_xx_small")
     _switch_on_branches(twin)
     x = random_images(2, HW)
-    x_nchw = torch.from_numpy(x.transpose(0, 3, 1, 2))
-    scale_classifier_to_trained_spread(twin, x_nchw)
-    with torch.inference_mode():
-        logits = twin(x_nchw).numpy()
-        _, stages = twin.forward_intermediates(x_nchw)
-    path = tmp_path_factory.mktemp("edgenext") / "twin.pth"
-    torch.save(twin.state_dict(), path)
-    model = zoo.load("edgenext_xx_small", weights=str(path), layout="timm", progress=False)
-    return model, x, logits, [s.numpy().transpose(0, 2, 3, 1) for s in stages], twin
+    scale_classifier_to_trained_spread(twin, torch.from_numpy(x.transpose(0, 3, 1, 2)))
+    model, logits, stages = converted_timm_twin(twin, "edgenext_xx_small", x, tmp_path_factory.mktemp("edgenext"))
+    return model, x, logits, stages, twin
 
 
 def _logits_and_stages(module, variables, x):

@@ -23,7 +23,7 @@ from zoo.layers.linear_bn import Conv2dBn
 from zoo.layers.relu_linear_attention import EPS, ReluLinearAttention, relu_linear_attention
 from zoo.models.efficientvit_mit import VARIANTS, timm_rename
 
-from reference import perturb_batchnorm, random_images, scale_classifier_to_trained_spread
+from reference import converted_timm_twin, perturb_batchnorm, random_images, scale_classifier_to_trained_spread
 
 NAMES = sorted(VARIANTS)
 HW = (97, 130)  # odd and non-square: maps 49x65, 25x33, 13x17, 7x9, 4x5
@@ -151,15 +151,9 @@ def converted(tmp_path_factory):
         ln.weight.copy_(torch.rand(ln.weight.shape, generator=g) + 0.5)
         ln.bias.copy_(torch.randn(ln.bias.shape, generator=g) * 0.5)
     x = random_images(2, HW)
-    x_nchw = torch.from_numpy(x.transpose(0, 3, 1, 2))
-    scale_classifier_to_trained_spread(twin, x_nchw)
-    with torch.inference_mode():
-        logits = twin(x_nchw).numpy()
-        _, stages = twin.forward_intermediates(x_nchw)
-    path = tmp_path_factory.mktemp("efficientvit_mit") / "twin.pth"
-    torch.save(twin.state_dict(), path)
-    model = zoo.load("efficientvit_b0", weights=str(path), layout="timm", progress=False)
-    return model, x, logits, [s.numpy().transpose(0, 2, 3, 1) for s in stages]
+    scale_classifier_to_trained_spread(twin, torch.from_numpy(x.transpose(0, 3, 1, 2)))
+    model, logits, stages = converted_timm_twin(twin, "efficientvit_b0", x, tmp_path_factory.mktemp("efficientvit_mit"))
+    return model, x, logits, stages
 
 
 def _logits_and_features(module, variables, x):

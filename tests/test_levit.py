@@ -21,7 +21,7 @@ from zoo.counting import count_params
 from zoo.layers.attention import attention_bias_index
 from zoo.models.levit import VARIANTS
 
-from reference import perturb_batchnorm, random_images, reference_counts
+from reference import converted_timm_twin, perturb_batchnorm, random_images, reference_counts
 
 RES = 224  # LeViT's attention biases are sized by the token map: timm's fixed input size
 
@@ -85,13 +85,8 @@ def converted(tmp_path_factory):
     x = random_images(4, (RES, RES))
     x_nchw = torch.from_numpy(x.transpose(0, 3, 1, 2))
     twin = _twin("levit_128s", x_nchw)
-    with torch.inference_mode():
-        expected = twin(x_nchw).numpy()
-        _, stages = twin.forward_intermediates(x_nchw)
-    path = tmp_path_factory.mktemp("levit") / "twin.pth"
-    torch.save(twin.state_dict(), path)
-    model = zoo.load("levit_128s", weights=str(path), layout="timm", progress=False)
-    return model, x, expected, [s.numpy().transpose(0, 2, 3, 1) for s in stages]
+    model, expected, stages = converted_timm_twin(twin, "levit_128s", x, tmp_path_factory.mktemp("levit"))
+    return model, x, expected, stages
 
 
 @pytest.mark.parity

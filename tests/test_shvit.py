@@ -20,7 +20,7 @@ from zoo.counting import count_params
 from zoo.layers.conv import depthwise_impl
 from zoo.models.shvit import VARIANTS
 
-from reference import perturb_batchnorm, random_images, scale_classifier_to_trained_spread
+from reference import converted_timm_twin, perturb_batchnorm, random_images, scale_classifier_to_trained_spread
 
 # timm 1.0.31: parameters, and after its BatchNorm fusion (`SHViT.fuse`), as ../shared/reference/timm_counts.csv
 # lists them
@@ -64,15 +64,9 @@ def converted(tmp_path_factory):
             m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
             m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
     x = random_images(2, HW)
-    x_nchw = torch.from_numpy(x.transpose(0, 3, 1, 2))
-    scale_classifier_to_trained_spread(twin, x_nchw)
-    with torch.inference_mode():
-        logits = twin(x_nchw).numpy()
-        _, stages = twin.forward_intermediates(x_nchw)
-    path = tmp_path_factory.mktemp("shvit") / "twin.pth"
-    torch.save(twin.state_dict(), path)
-    model = zoo.load("shvit_s1", weights=str(path), layout="timm", progress=False)
-    return model, x, logits, [s.numpy().transpose(0, 2, 3, 1) for s in stages]
+    scale_classifier_to_trained_spread(twin, torch.from_numpy(x.transpose(0, 3, 1, 2)))
+    model, logits, stages = converted_timm_twin(twin, "shvit_s1", x, tmp_path_factory.mktemp("shvit"))
+    return model, x, logits, stages
 
 
 def _logits_and_stages(module, variables, x):

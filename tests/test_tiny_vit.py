@@ -22,7 +22,7 @@ from zoo.models.tiny_vit import VARIANTS, window_partition, window_reverse
 from zoo.registry import get_entry
 
 from quick_compile import quick_compile
-from reference import perturb_batchnorm, random_images, scale_classifier_to_trained_spread
+from reference import converted_timm_twin, perturb_batchnorm, random_images, scale_classifier_to_trained_spread
 
 # timm 1.0.31 with 1000 classes (its default configs have ImageNet-22k's 21,841): parameters, and after its fusion
 # (`timm.utils.reparameterize_model`: every ConvNorm one conv with a bias); 5M as ../shared/reference/timm_counts.csv
@@ -78,21 +78,15 @@ def converted(tmp_path_factory):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.4 + 0.8)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     x = random_images(2, HW)
-    x_nchw = torch.from_numpy(x.transpose(0, 3, 1, 2))
-    scale_classifier_to_trained_spread(twin, x_nchw)
-    with torch.inference_mode():
-        logits = twin(x_nchw).numpy()
-        _, stages = twin.forward_intermediates(x_nchw)
-    path = tmp_path_factory.mktemp("tiny_vit") / "twin.pth"
-    torch.save(twin.state_dict(), path)
-    model = zoo.load("tiny_vit_5m_224", weights=str(path), layout="timm", progress=False)
-    return model, x, logits, [s.numpy().transpose(0, 2, 3, 1) for s in stages]
+    scale_classifier_to_trained_spread(twin, torch.from_numpy(x.transpose(0, 3, 1, 2)))
+    model, logits, stages = converted_timm_twin(twin, "tiny_vit_5m_224", x, tmp_path_factory.mktemp("tiny_vit"))
+    return model, x, logits, stages
 
 
 def _logits_and_features(module, variables, x):
-    """Logits and the named outputs from one jitted forward of the backbone (native depthwise and
-    `quick_compile`: compiles faster, the same numbers up to float rounding), the logits the head's Linear of `pre_logits` (the head has
-    nothing else after its LayerNorm)."""
+    """Logits and the named outputs from one jitted forward of the backbone (native depthwise and `quick_compile`:
+    compiles faster, the same numbers up to float rounding), the logits the head's Linear of `pre_logits` (the head
+    has nothing else after its LayerNorm)."""
     with depthwise_impl("native"), quick_compile():
         feats = jax.jit(lambda v, x: module.apply(v, x, features=True))(variables, x)
     fc = variables["params"]["head"]["fc"]
