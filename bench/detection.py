@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from report import FRAMEWORKS, log, machine, steady_rate, versions
+from report import FRAMEWORKS, log, machine, pyplot, steady_rate, versions
 
 PACKAGES = (*FRAMEWORKS, "faster-coco-eval")  # the versions the results record
 
@@ -424,12 +424,8 @@ def markdown(rows, args, notes, elapsed) -> str:
 
 
 def plot(rows, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     train_rows = [r for r in rows if r["table"] == "train"]

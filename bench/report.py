@@ -38,3 +38,15 @@ def steady_rate(history) -> float | None:
     """Training images/s of the last logged window (past compilation), from the run's metrics records."""
     rates = [r.get("images_per_sec") for r in history if r.get("images_per_sec")]
     return round(float(rates[-1]), 1) if rates else None
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files (the Agg backend: no display needed), or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

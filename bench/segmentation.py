@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from report import log, machine, steady_rate, versions
+from report import log, machine, pyplot, steady_rate, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_CLASSES = 11  # background and the ten digits
@@ -368,12 +368,8 @@ def markdown(rows, args, notes, elapsed) -> str:
 
 
 def plot(rows, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1, 2]})
     train_rows = [r for r in rows if r["table"] == "train"]

@@ -114,11 +114,10 @@ def markdown(rows: list[dict], threads: list[int]) -> str:
 
 
 def plot(rows: list[dict], threads: list[int], path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from report import pyplot  # a sibling module: bench/ is on the path
+
+    plt = pyplot()
+    if plt is None:
         log("matplotlib missing (pip install matplotlib): no plot")
         return
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -152,12 +152,10 @@ def pareto(points: list[tuple[float, float, str]]) -> list[str]:
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
-    try:
-        import matplotlib
+    from report import pyplot  # a sibling module: bench/ is on the path
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         log("matplotlib missing (pip install matplotlib): no plot")
         return None
     pts = [(float(r["int8_1t"]), float(r["top1"]), r["model"]) for r in rows if r.get("int8_1t") and r.get("top1")]
